@@ -1,0 +1,61 @@
+"""The ``himnet-fast`` console script (also ``python -m himnet_fast``).
+
+Subcommands: ``info`` (here), ``bench`` and ``scale`` (himnet_fast.benchmark.cli), ``train`` and
+``evaluate`` (himnet_fast.training.cli). Each plug-in module exposes ``add_subcommands(subparsers)``
+and imports its heavy dependencies only when its subcommand runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+_PLUGINS = ("himnet_fast.benchmark.cli", "himnet_fast.training.cli")
+
+
+def _info(args) -> int:
+    import torch
+
+    import himnet_fast
+    from himnet_fast._backend import backend_report
+
+    print(f"himnet_fast {himnet_fast.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"CUDA runtime {torch.version.cuda or 'none'}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}")
+    else:
+        print("device: cpu (no CUDA device)")
+    for name, state in backend_report().items():
+        print(f"  backend {name:7s} {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="himnet-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and which backends can run").set_defaults(func=_info)
+    for name in _PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not name.startswith(exc.name or "?"):
+                raise
+            continue
+        mod.add_subcommands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""HimGCRU and the encoder/decoder stacks (drop-ins for the originals)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import _backend
+from .._checks import check_tensor
+from ..ops.gcru import gcru_gate, gcru_update
+from .gcn import GeneratedLinear, HimGCN, Support, as_graph
+
+
+def _split_rows(cheb_k: int, c: int, h: int, device) -> tuple:
+    """Rows of a k-major ``cat(x, h)`` graph-conv weight that multiply x and h respectively.
+
+    The propagated input is ``cat_k(T_k cat(x, h)) = cat_k(cat(T_k x, T_k h))``: row
+    ``k*(c+h) + j`` multiplies ``T_k x`` for ``j < c`` and ``T_k h`` otherwise.
+    """
+    ix = [k * (c + h) + j for k in range(cheb_k) for j in range(c)]
+    ih = [k * (c + h) + c + j for k in range(cheb_k) for j in range(h)]
+    return (torch.tensor(ix, dtype=torch.long, device=device),
+            torch.tensor(ih, dtype=torch.long, device=device))
+
+
+class HimGCRU(nn.Module):
+    """Graph convolutional GRU cell with meta-parameters (HIMNET_SPEC.md, "Recurrent cell")."""
+
+    def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S", *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.num_nodes = num_nodes
+        self.input_dim = input_dim
+        self.hidden_dim = output_dim
+        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.gate = HimGCN(input_dim + self.hidden_dim, 2 * output_dim, cheb_k, embed_dim, meta_axis,
+                           backend=backend)
+        self.update = HimGCN(input_dim + self.hidden_dim, output_dim, cheb_k, embed_dim, meta_axis,
+                             backend=backend)
+
+    def init_hidden_state(self, batch_size):
+        return torch.zeros(batch_size, self.num_nodes, self.hidden_dim)
+
+    def forward(self, x, state, support: Support, embeddings=None):
+        """One step: x (B, N, input_dim), state (B, N, H) -> new state (B, N, H)."""
+        check_tensor("x", x, 3)
+        check_tensor("state", state, 3)
+        if state.shape[-1] != self.hidden_dim or state.shape[:2] != x.shape[:2]:
+            raise ValueError(f"state must have shape {tuple(x.shape[:2]) + (self.hidden_dim,)}, "
+                             f"got {tuple(state.shape)}")
+        graph = as_graph(support)
+        gate, update = self.gate.generate(embeddings), self.update.generate(embeddings)
+        return self._step(x, state, graph, gate, update)
+
+    def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
+        """The original step: propagate cat(x, h) and cat(x, z*h) whole."""
+        k = self.gate.cheb_k
+        zh, r = gcru_gate(gate(graph.propagate(torch.cat((x, state), -1), k)), state, backend=self.backend)
+        pre_c = update(graph.propagate(torch.cat((x, zh), -1), k))
+        return gcru_update(pre_c, r, state, backend=self.backend)
+
+    def run_sequence(self, xs: torch.Tensor, graph, embeddings=None) -> torch.Tensor:
+        """All T steps from a zero state: xs (B, T, N, C) -> states (B, T, N, H).
+
+        Lean form of the encoder loop: weights are generated once; the input half of both graph
+        convolutions (``T_k x_t`` times its weight rows) is computed for all T steps in one call,
+        leaving only the state half inside the recurrence; the first step skips the all-zero
+        state.
+        """
+        B, T, N, C = xs.shape
+        H, k = self.hidden_dim, self.gate.cheb_k
+        graph = as_graph(graph)
+        gate, update = self.gate.generate(embeddings), self.update.generate(embeddings)
+        ix, ih = _split_rows(k, C, H, xs.device)
+        zx = graph.propagate(xs.reshape(B * T, N, C), k).reshape(B, T, N, k * C)
+        pre_gate_x = gate.select_rows(ix)(zx)       # (B, T, N, 2H), bias included
+        pre_upd_x = update.select_rows(ix)(zx)      # (B, T, N, H)
+        gate_h, update_h = gate.select_rows(ih), update.select_rows(ih)
+
+        state = xs.new_zeros(B, N, H, dtype=pre_gate_x.dtype)
+        states = []
+        for t in range(T):
+            pre = pre_gate_x[:, t]
+            if t > 0:
+                pre = pre + gate_h.matmul(graph.propagate(state, k))
+            zh, r = gcru_gate(pre, state, backend=self.backend)
+            pre_c = pre_upd_x[:, t]
+            if t > 0:  # zh == 0 at t == 0
+                pre_c = pre_c + update_h.matmul(graph.propagate(zh, k))
+            state = gcru_update(pre_c, r, state, backend=self.backend)
+            states.append(state)
+        return torch.stack(states, dim=1)
+
+
+class _Stack(nn.Module):
+    def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis, backend):
+        super().__init__()
+        self.num_nodes = num_nodes
+        self.input_dim = input_dim
+        self.num_layers = num_layers
+        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.cells = nn.ModuleList([HimGCRU(num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis,
+                                            backend=backend)])
+        for _ in range(1, num_layers):
+            self.cells.append(HimGCRU(num_nodes, output_dim, output_dim, cheb_k, embed_dim, meta_axis,
+                                      backend=backend))
+
+
+class HimEncoder(_Stack):
+    """Stack of HimGCRU layers run over all input steps (HIMNET_SPEC.md)."""
+
+    def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="S", *,
+                 backend: Optional[str] = None):
+        super().__init__(num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis, backend)
+
+    def forward(self, x, support: Support, embeddings=None):
+        """x (B, T, N, input_dim) -> (outputs of the last layer (B, T, N, H), [last state per layer])."""
+        check_tensor("x", x, 4)
+        if x.shape[-1] != self.input_dim or x.shape[2] != self.num_nodes:
+            raise ValueError(f"x must have shape (B, T, N={self.num_nodes}, C={self.input_dim}), "
+                             f"got {tuple(x.shape)}")
+        graph = as_graph(support)
+        current, last = x, []
+        for cell in self.cells:
+            current = cell.run_sequence(current, graph, embeddings)
+            last.append(current[:, -1])
+        return current, last
+
+
+class HimDecoder(_Stack):
+    """Stack of HimGCRU layers run for one step (HIMNET_SPEC.md)."""
+
+    def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="ST", *,
+                 backend: Optional[str] = None):
+        super().__init__(num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis, backend)
+
+    def generate(self, embeddings) -> List[tuple]:
+        """Per-layer (gate, update) linear maps for ``embeddings``, reusable across steps."""
+        return [(c.gate.generate(embeddings), c.update.generate(embeddings)) for c in self.cells]
+
+    def forward(self, xt, init_state, support: Support, embeddings=None, linears=None):
+        """xt (B, N, input_dim), init_state: per-layer (B, N, H) ->
+        (last layer's new state, [new state per layer])."""
+        check_tensor("xt", xt, 3)
+        if len(init_state) != self.num_layers:
+            raise ValueError(f"init_state must hold {self.num_layers} states, got {len(init_state)}")
+        graph = as_graph(support)
+        if linears is None:
+            linears = self.generate(embeddings)
+        current, out = xt, []
+        for cell, state, (gate, update) in zip(self.cells, init_state, linears):
+            current = cell._step(current, state, graph, gate, update)
+            out.append(current)
+        return current, out

@@ -1,0 +1,137 @@
+"""HimNet: the full model, drop-in for the original (same constructor, state_dict, forward)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import _backend
+from .._checks import check_tensor
+from ..ops.adaptive_propagate import AdaptiveGraph
+from .gcru import HimDecoder, HimEncoder
+
+
+def _check_4d(name: str, t, b: Optional[int], min_steps: int, n: int, c: int, what: str) -> None:
+    check_tensor(name, t, 4)
+    bad = (b is not None and t.shape[0] != b) or t.shape[1] < min_steps or t.shape[2] != n or t.shape[3] != c
+    if bad:
+        bb = "B" if b is None else f"B={b}"
+        raise ValueError(f"{name} must have shape ({bb}, {what}>={min_steps}, N={n}, {c}), got {tuple(t.shape)}")
+
+
+class HimNet(nn.Module):
+    """Heterogeneity-informed meta-parameter network (Dong et al., KDD 2024).
+
+    Constructor arguments and parameter names equal the original, so an original
+    ``state_dict`` loads with ``strict=True``. Keyword-only extras:
+
+    * ``backend``: None/"auto", "torch", "triton" or "cuda" for every op.
+    * ``dense_graph``: True/False forces/forbids materialising the adaptive graphs; None
+      decides by size (see :class:`~himnet_fast.ops.AdaptiveGraph`).
+    * ``check_inputs``: validate time features on every call (one host sync); on by default.
+    """
+
+    def __init__(self, num_nodes, input_dim=3, output_dim=1, out_steps=12, hidden_dim=64, num_layers=1,
+                 cheb_k=2, ycov_dim=2, tod_embedding_dim=8, dow_embedding_dim=8, node_embedding_dim=16,
+                 st_embedding_dim=16, tf_decay_steps=4000, use_teacher_forcing=True, *,
+                 backend: Optional[str] = None, dense_graph: Optional[bool] = None, check_inputs: bool = True):
+        super().__init__()
+        if input_dim < 3:
+            raise ValueError(f"input_dim must be >= 3 (signal, time of day, day of week), got {input_dim}")
+        self.num_nodes = num_nodes
+        self.input_dim = input_dim
+        self.hidden_dim = hidden_dim
+        self.output_dim = output_dim
+        self.out_steps = out_steps
+        self.num_layers = num_layers
+        self.cheb_k = cheb_k
+        self.ycov_dim = ycov_dim
+        self.node_embedding_dim = node_embedding_dim
+        self.st_embedding_dim = st_embedding_dim
+        self.tod_embedding_dim = tod_embedding_dim
+        self.dow_embedding_dim = dow_embedding_dim
+        self.tf_decay_steps = tf_decay_steps
+        self.use_teacher_forcing = use_teacher_forcing
+        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.dense_graph = dense_graph
+        self.check_inputs = check_inputs
+
+        # Creation order equals the original's: the same seed gives the same initial weights.
+        self.encoder_s = HimEncoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, node_embedding_dim,
+                                    meta_axis="S", backend=backend)
+        self.encoder_t = HimEncoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers,
+                                    tod_embedding_dim + dow_embedding_dim, meta_axis="T", backend=backend)
+        self.decoder = HimDecoder(num_nodes, output_dim + ycov_dim, hidden_dim, cheb_k, num_layers,
+                                  st_embedding_dim, backend=backend)
+        self.out_proj = nn.Linear(hidden_dim, output_dim)
+        self.tod_embedding = nn.Embedding(288, tod_embedding_dim)
+        self.dow_embedding = nn.Embedding(7, dow_embedding_dim)
+        self.node_embedding = nn.init.xavier_normal_(nn.Parameter(torch.empty(num_nodes, node_embedding_dim)))
+        self.st_proj = nn.Linear(hidden_dim, st_embedding_dim)
+
+    def compute_sampling_threshold(self, batches_seen):
+        return self.tf_decay_steps / (self.tf_decay_steps + np.exp(batches_seen / self.tf_decay_steps))
+
+    def _validate(self, x, y_cov, labels, batches_seen):
+        _check_4d("x", x, None, 1, self.num_nodes, self.input_dim, "T")
+        B = x.shape[0]
+        _check_4d("y_cov", y_cov, B, self.out_steps, self.num_nodes, self.ycov_dim, "out_steps")
+        teacher = self.training and self.use_teacher_forcing
+        if teacher:
+            if labels is None:
+                raise ValueError("labels are required in training mode with use_teacher_forcing=True "
+                                 f"(shape (B={B}, out_steps={self.out_steps}, N={self.num_nodes}, "
+                                 f"{self.output_dim}))")
+            if batches_seen is None:
+                raise ValueError("batches_seen is required in training mode with use_teacher_forcing=True")
+        if labels is not None:
+            _check_4d("labels", labels, B, self.out_steps, self.num_nodes, self.output_dim, "out_steps")
+        if self.check_inputs and B > 0:
+            # The embeddings index with (tod * 288).long() and dow.long(): an out-of-range value
+            # would be an IndexError on CPU and a device-side assert on a GPU. NaN fails too.
+            tod, dow = x[:, -1, 0, 1], x[:, -1, 0, 2]
+            bad_tod = ~((tod >= 0) & (tod < 1))
+            bad_dow = ~((dow >= 0) & (dow < 7))
+            flags = torch.stack([bad_tod.any(), bad_dow.any()]).tolist()
+            if flags[0]:
+                raise ValueError("x[..., 1] (time of day) must be a fraction of the day in [0, 1); got "
+                                 f"{tod[bad_tod][:4].tolist()} at the last step of node 0")
+            if flags[1]:
+                raise ValueError("x[..., 2] (day of week) must be in 0..6; got "
+                                 f"{dow[bad_dow][:4].tolist()} at the last step of node 0")
+
+    def time_embedding(self, x):
+        """(B, tod_dim + dow_dim) from the last input step of node 0, as the original."""
+        tod, dow = x[:, -1, 0, 1], x[:, -1, 0, 2]
+        return torch.cat([self.tod_embedding((tod * 288).long()), self.dow_embedding(dow.long())], dim=-1)
+
+    def forward(self, x, y_cov, labels=None, batches_seen=None):
+        """x (B, T, N, input_dim), y_cov (B, out_steps, N, ycov_dim),
+        labels (B, out_steps, N, output_dim) -> (B, out_steps, N, output_dim)."""
+        self._validate(x, y_cov, labels, batches_seen)
+        t_emb = self.time_embedding(x)
+
+        graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend)
+        h_s, _ = self.encoder_s(x, graph, self.node_embedding)
+        h_t, _ = self.encoder_t(x, graph, t_emb)
+        h_last = (h_s + h_t)[:, -1]
+
+        st_embedding = self.st_proj(h_last)
+        graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend)
+        linears = self.decoder.generate(st_embedding)  # once per forward, not per step
+
+        ht_list = [h_last] * self.num_layers
+        go = h_last.new_zeros(x.shape[0], self.num_nodes, self.output_dim)
+        out = []
+        for t in range(self.out_steps):
+            xt = torch.cat([go, y_cov[:, t].to(go.dtype)], dim=-1)
+            h_de, ht_list = self.decoder(xt, ht_list, graph_st, st_embedding, linears=linears)
+            go = self.out_proj(h_de)
+            out.append(go)
+            if self.training and self.use_teacher_forcing:
+                c = np.random.uniform(0, 1)  # the global numpy RNG, one draw per step (as the original)
+                if c < self.compute_sampling_threshold(batches_seen):
+                    go = labels[:, t].to(go.dtype)
+        return torch.stack(out, dim=1)

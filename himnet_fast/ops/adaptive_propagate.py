@@ -1,0 +1,227 @@
+"""Adaptive graph propagation: ``xg = cat_k(T_k x)`` over ``A = softmax(relu(E Eᵀ))``.
+
+``T_0 = I``, ``T_1 = A``, ``T_k = 2 A T_{k-1} - T_{k-2}`` (Chebyshev-style polynomials of A
+itself, as HimNet defines them). We never build an identity or a ``T_k`` matrix: the terms are
+``Z_0 = x``, ``Z_1 = A x``, ``Z_k = 2 A Z_{k-1} - Z_{k-2}``.
+
+``A v`` is attention with query = key = E, value = v, score ``relu(q·k)`` and no scaling. Two
+ways to compute it, chosen by size (``dense=None``) or by the caller:
+
+* dense: materialise ``A`` once (N×N, or B×N×N for a per-sample graph) and reuse it for every
+  step of a forward pass. Fast for small graphs; memory O(N²).
+* streamed: the backend's ``adaptive_matmul`` works on blocks of rows and recomputes the
+  scores in backward (flash-attention style): O(block·N) extra memory.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _backend
+from .._checks import check_cheb_k, check_same_device, check_tensor
+from ._common import cast, compute_dtype, dense_budget_bytes, needs_grad, no_autocast, rows_per_chunk
+
+__all__ = ["adaptive_graph", "adaptive_matmul", "adaptive_propagate", "AdaptiveGraph"]
+
+
+def _softmax_relu_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
+    """softmax(relu(eq @ ekᵀ)) in fp32 (softmax statistics never in low precision)."""
+    s = torch.matmul(eq, ek.transpose(-1, -2))
+    return torch.softmax(torch.relu(s).float(), dim=-1)
+
+
+def _check_embedding(embedding) -> torch.Tensor:
+    check_tensor("embedding", embedding, (2, 3))
+    if embedding.shape[-2] == 0:
+        return embedding
+    return embedding
+
+
+def adaptive_graph(embedding: torch.Tensor) -> torch.Tensor:
+    """Dense ``softmax(relu(E Eᵀ), -1)``: (N, N) for E (N, D), (B, N, N) for E (B, N, D).
+
+    For inspection and small graphs; the propagation ops never need it.
+    """
+    _check_embedding(embedding)
+    dtype = compute_dtype(embedding.device, embedding)
+    with no_autocast(embedding.device):
+        e = cast(embedding, dtype)
+        return _softmax_relu_scores(e, e).to(dtype)
+
+
+# --------------------------------------------------------------------------- streamed (torch)
+
+class _BlockedAdaptiveMatmul(torch.autograd.Function):
+    """``out[g] = softmax(relu(E[g] E[g]ᵀ)) @ V[g]`` for E (G, N, D), V (G, N, W), one block
+    of query rows at a time. Backward recomputes each block's probabilities (the
+    flash-attention backward with the ReLU mask) and adds both the query-side and key-side
+    gradients into dE, since E plays both roles."""
+
+    @staticmethod
+    def forward(ctx, e, v):
+        G, N, _ = e.shape
+        out = torch.empty(G, N, v.shape[-1], dtype=v.dtype, device=v.device)
+        # ~4 live (G, rows, N) fp32 temporaries: scores, relu, exp, probabilities.
+        step = rows_per_chunk(G * N * 4 * 4, N)
+        for s in range(0, N, step):
+            p = _softmax_relu_scores(e[:, s:s + step], e).to(v.dtype)
+            torch.bmm(p, v, out=out[:, s:s + step])
+        ctx.save_for_backward(e, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        e, v, out = ctx.saved_tensors
+        G, N, _ = e.shape
+        dout = dout.contiguous()
+        de = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        ef, vf = e.float(), v.float()
+        # delta_i = <dO_i, O_i> = sum_j P_ij dP_ij: the softmax backward's row term.
+        delta = (dout.float() * out.float()).sum(-1, keepdim=True)
+        step = rows_per_chunk(G * N * 4 * 6, N)
+        for s in range(0, N, step):
+            eq = ef[:, s:s + step]
+            sc = torch.bmm(eq, ef.transpose(1, 2))
+            p = torch.softmax(torch.relu(sc), dim=-1)
+            do = dout[:, s:s + step].float()
+            dv += torch.bmm(p.transpose(1, 2), do)
+            ds = p * (torch.bmm(do, vf.transpose(1, 2)) - delta[:, s:s + step])
+            ds = ds.masked_fill_(sc <= 0, 0.0)  # relu'(s) = 0 for s <= 0 (torch convention)
+            de[:, s:s + step] += torch.bmm(ds, ef)
+            de += torch.bmm(ds.transpose(1, 2), eq)
+        return de.to(e.dtype), dv.to(v.dtype)
+
+
+def _torch_adaptive_matmul(e, v):
+    return _BlockedAdaptiveMatmul.apply(e, v)
+
+
+_backend.register("adaptive_matmul", "torch", _torch_adaptive_matmul)
+
+
+def adaptive_matmul(embedding: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Streamed ``softmax(relu(E Eᵀ)) @ v`` without an N×N buffer.
+
+    Args:
+        embedding: (N, D) static graph or (B, N, D) per-sample graph.
+        v: (B, N, W). For the static graph every sample shares A.
+
+    Returns:
+        (B, N, W)
+    """
+    _check_embedding(embedding)
+    check_tensor("v", v, 3)
+    return AdaptiveGraph(embedding, dense=False, backend=backend).apply(v)
+
+
+# --------------------------------------------------------------------------- graph holder
+
+class AdaptiveGraph:
+    """The adaptive graph of one forward pass, held as its embedding (and, when dense, as A).
+
+    Build it once per forward and call :meth:`propagate` for every step and cell: the dense
+    matrix (if any) and the backend choice are made once.
+
+    Args:
+        embedding: (N, D) for the static graph, (B, N, D) for a per-sample graph.
+        dense: True materialises A; False streams; None picks dense when the matrix fits
+            ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is "torch".
+        backend: backend for the streamed product (see ``himnet_fast.available_backends``).
+    """
+
+    def __init__(self, embedding: torch.Tensor, *, dense: Optional[bool] = None,
+                 backend: Optional[str] = None):
+        _check_embedding(embedding)
+        self.embedding = embedding
+        self.per_sample = embedding.dim() == 3
+        self.num_nodes = embedding.shape[-2]
+        self.backend = backend
+        device = embedding.device
+        if dense is None:
+            g = embedding.shape[0] if self.per_sample else 1
+            fits = g * self.num_nodes * self.num_nodes * 4 <= dense_budget_bytes()
+            name = _backend.normalize_backend(backend)
+            auto_torch = name == "torch" or (name is None and device.type != "cuda")
+            dense = fits and auto_torch
+        self.dense = bool(dense)
+        self.matrix = adaptive_graph(embedding) if self.dense else None
+
+    @classmethod
+    def from_support(cls, support: torch.Tensor) -> "AdaptiveGraph":
+        """Wrap a dense support matrix (N, N) or (B, N, N) given by a caller, as the original
+        modules accept one."""
+        check_tensor("support", support, (2, 3))
+        if support.shape[-1] != support.shape[-2]:
+            raise ValueError(f"support must be square in its last two dims, got {tuple(support.shape)}")
+        g = cls.__new__(cls)
+        g.embedding, g.per_sample, g.num_nodes = None, support.dim() == 3, support.shape[-1]
+        g.backend, g.dense, g.matrix = None, True, support
+        return g
+
+    def _check_v(self, v: torch.Tensor) -> None:
+        check_tensor("x", v, 3)
+        if v.shape[1] != self.num_nodes:
+            raise ValueError(f"x has {v.shape[1]} nodes (dim 1 of shape {tuple(v.shape)}), "
+                             f"expected {self.num_nodes} (the graph's node count)")
+        if self.per_sample:
+            b = (self.matrix if self.dense else self.embedding).shape[0]
+            if v.shape[0] != b:
+                raise ValueError(f"x has batch {v.shape[0]} (dim 0 of shape {tuple(v.shape)}), "
+                                 f"expected {b} (the per-sample graph's batch)")
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for v (B, N, W) -> (B, N, W) in the compute dtype."""
+        self._check_v(v)
+        ref = self.matrix if self.dense else self.embedding
+        check_same_device(x=v, embedding=ref)
+        dtype = compute_dtype(v.device, v, ref)
+        with no_autocast(v.device):
+            v = cast(v, dtype)
+            if v.numel() == 0:
+                return v.clone()
+            if self.dense:
+                return torch.matmul(cast(self.matrix, dtype), v)
+            e = cast(self.embedding, dtype)
+            _, impl = _backend.resolve("adaptive_matmul", self.backend, v.device, needs_grad(e, v))
+            if self.per_sample:
+                return impl.fn(e, v)
+            # Static graph: every sample shares A, so the batch becomes extra value columns.
+            B, N, W = v.shape
+            vf = v.permute(1, 0, 2).reshape(1, N, B * W)
+            return impl.fn(e.unsqueeze(0), vf).reshape(N, B, W).permute(1, 0, 2)
+
+    def terms(self, x: torch.Tensor, cheb_k: int) -> List[torch.Tensor]:
+        """``[Z_0, ..., Z_{K-1}]`` with ``Z_k = T_k x``, each (B, N, C)."""
+        check_cheb_k(cheb_k)
+        z = [x, self.apply(x)]
+        for _ in range(2, cheb_k):
+            z.append(2 * self.apply(z[-1]) - z[-2])
+        if z[0].dtype != z[1].dtype:
+            z[0] = z[0].to(z[1].dtype)
+        return z
+
+    def propagate(self, x: torch.Tensor, cheb_k: int) -> torch.Tensor:
+        """``cat([T_0 x, ..., T_{K-1} x], -1)``: (B, N, K*C), channel index ``k*C + c``."""
+        return torch.cat(self.terms(x, cheb_k), dim=-1)
+
+
+def adaptive_propagate(x: torch.Tensor, embedding: torch.Tensor, cheb_k: int = 2, *,
+                       backend: Optional[str] = None, dense: Optional[bool] = None) -> torch.Tensor:
+    """Graph convolution input of HimNet: ``cat_k(T_k x)`` over ``A = softmax(relu(E Eᵀ))``.
+
+    Args:
+        x: (B, N, C).
+        embedding: (N, D) static graph (shared by the batch) or (B, N, D) per-sample graph.
+        cheb_k: number of terms K >= 2.
+        backend: None/"auto", "torch", "triton" or "cuda" (the streamed product).
+        dense: force (True) or forbid (False) materialising A; None decides by size.
+
+    Returns:
+        (B, N, K*C), k-major: channel ``k*C + c`` is ``(T_k x)[..., c]``.
+    """
+    check_tensor("x", x, 3)
+    _check_embedding(embedding)
+    check_cheb_k(cheb_k)
+    return AdaptiveGraph(embedding, dense=dense, backend=backend).propagate(x, cheb_k)
