@@ -71,6 +71,16 @@ class HimNet(nn.Module):
         self.node_embedding = nn.init.xavier_normal_(nn.Parameter(torch.empty(num_nodes, node_embedding_dim)))
         self.st_proj = nn.Linear(hidden_dim, st_embedding_dim)
 
+    def capture(self, batch_size: int, **kwargs):
+        """Capture the whole inference forward for a fixed batch size as a CUDA graph.
+
+        Returns a callable ``f(x, y_cov) -> (B, out_steps, N, output_dim)`` that replays the
+        graph (see :mod:`himnet_fast.nn.capture` for the details and limits).
+        """
+        from .capture import CapturedHimNet
+
+        return CapturedHimNet(self, batch_size, **kwargs)
+
     def compute_sampling_threshold(self, batches_seen):
         return self.tf_decay_steps / (self.tf_decay_steps + np.exp(batches_seen / self.tf_decay_steps))
 

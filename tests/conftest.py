@@ -1,0 +1,51 @@
+"""Test configuration.
+
+Without a CUDA device, Triton kernels run in the interpreter on CPU tensors; TRITON_INTERPRET
+must be set before Triton is imported, so it is set here, first. GPU tests are marked ``gpu``
+and skip cleanly on a machine without one.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+HAS_TRITON = _triton_ok()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def parity_backends():
+    """Backends the parity tests run on this machine: torch always, triton where it can run
+    (CUDA, or the interpreter on CPU)."""
+    out = ["torch"]
+    if HAS_TRITON:
+        from himnet_fast import _backend
+        if _backend.unavailable_reason("meta_linear", "triton", DEVICE) is None:
+            out.append("triton")
+    return out
