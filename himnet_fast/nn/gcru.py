@@ -73,7 +73,9 @@ class HimGCRU(nn.Module):
         graph = as_graph(graph)
         gate, update = self.gate.generate(embeddings), self.update.generate(embeddings)
         ix, ih = _split_rows(k, C, H, xs.device)
-        zx = graph.propagate(xs.reshape(B * T, N, C), k).reshape(B, T, N, k * C)
+        # T_k applies to every step alike: fold the steps into value columns, one call per term.
+        terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), k)
+        zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)
         pre_gate_x = gate.select_rows(ix)(zx)       # (B, T, N, 2H), bias included
         pre_upd_x = update.select_rows(ix)(zx)      # (B, T, N, H)
         gate_h, update_h = gate.select_rows(ih), update.select_rows(ih)

@@ -25,10 +25,15 @@ from ._common import cast, compute_dtype, dense_budget_bytes, needs_grad, no_aut
 __all__ = ["adaptive_graph", "adaptive_matmul", "adaptive_propagate", "AdaptiveGraph"]
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype: fp32 for half types, float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _softmax_relu_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
-    """softmax(relu(eq @ ekᵀ)) in fp32 (softmax statistics never in low precision)."""
+    """softmax(relu(eq @ ekᵀ)) with the softmax statistics never in low precision."""
     s = torch.matmul(eq, ek.transpose(-1, -2))
-    return torch.softmax(torch.relu(s).float(), dim=-1)
+    return torch.softmax(_acc(torch.relu(s)), dim=-1)
 
 
 def _check_embedding(embedding) -> torch.Tensor:
@@ -75,17 +80,16 @@ class _BlockedAdaptiveMatmul(torch.autograd.Function):
         e, v, out = ctx.saved_tensors
         G, N, _ = e.shape
         dout = dout.contiguous()
-        de = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        ef, vf = e.float(), v.float()
+        ef, vf = _acc(e), _acc(v)
+        de, dv = torch.zeros_like(ef), torch.zeros_like(vf)
         # delta_i = <dO_i, O_i> = sum_j P_ij dP_ij: the softmax backward's row term.
-        delta = (dout.float() * out.float()).sum(-1, keepdim=True)
+        delta = (_acc(dout) * _acc(out)).sum(-1, keepdim=True)
         step = rows_per_chunk(G * N * 4 * 6, N)
         for s in range(0, N, step):
             eq = ef[:, s:s + step]
             sc = torch.bmm(eq, ef.transpose(1, 2))
             p = torch.softmax(torch.relu(sc), dim=-1)
-            do = dout[:, s:s + step].float()
+            do = _acc(dout[:, s:s + step])
             dv += torch.bmm(p.transpose(1, 2), do)
             ds = p * (torch.bmm(do, vf.transpose(1, 2)) - delta[:, s:s + step])
             ds = ds.masked_fill_(sc <= 0, 0.0)  # relu'(s) = 0 for s <= 0 (torch convention)
@@ -195,11 +199,10 @@ class AdaptiveGraph:
     def terms(self, x: torch.Tensor, cheb_k: int) -> List[torch.Tensor]:
         """``[Z_0, ..., Z_{K-1}]`` with ``Z_k = T_k x``, each (B, N, C)."""
         check_cheb_k(cheb_k)
-        z = [x, self.apply(x)]
+        z1 = self.apply(x)
+        z = [x.to(z1.dtype), z1]  # under autocast every term is in the compute dtype
         for _ in range(2, cheb_k):
             z.append(2 * self.apply(z[-1]) - z[-2])
-        if z[0].dtype != z[1].dtype:
-            z[0] = z[0].to(z[1].dtype)
         return z
 
     def propagate(self, x: torch.Tensor, cheb_k: int) -> torch.Tensor:
