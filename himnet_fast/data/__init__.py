@@ -1,0 +1,17 @@
+"""Data for training and evaluating HimNet: loaders (HimNet ``data.npz``/``index.npz`` and raw
+``PEMS0X.npz``), lazily gathered windows, the training-set scaler, a deterministic sharded batch
+order and a synthetic traffic generator.
+
+Every loader returns a :class:`TrafficData`: the series ``(T, N, 3)`` float32 (signal, time of
+day in [0, 1), day of week 0..6), the window start indices of each split, and the
+:class:`StandardScaler` fitted on the training inputs. Windows are never materialised: a batch
+gathers its ``(B, 12, N, 3)`` inputs from the series when it is drawn.
+"""
+from .series import (DATASET_INFO, Batch, StandardScaler, TrafficData, WindowSplit, load_dataset,
+                     load_himnet_dir, load_pems_npz, split_windows, time_features, traffic_data)
+from .sampler import BatchOrder
+from .synthetic import synthetic_traffic
+
+__all__ = ["DATASET_INFO", "Batch", "BatchOrder", "StandardScaler", "TrafficData", "WindowSplit",
+           "load_dataset", "load_himnet_dir", "load_pems_npz", "split_windows", "synthetic_traffic",
+           "time_features", "traffic_data"]

@@ -1,0 +1,352 @@
+"""Traffic series, split windows and the training-set scaler.
+
+Conventions (HimNet/STAEformer): the series is ``(T, N, 3)`` float32 with channel 0 the
+signal (flow or speed), channel 1 the time of day as a fraction of the day in [0, 1) and
+channel 2 the day of week 0..6 (Monday = 0). A window starting at ``s`` has inputs
+``series[s : s + 12]`` and targets ``series[s + 12 : s + 24]``; HimNet's ``index.npz`` stores
+it as the row ``[s, s + 12, s + 24]``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+STEPS_PER_DAY = 288  # HimNet's tod_embedding has 288 rows: one per 5-minute slot
+SPLITS = ("train", "val", "test")
+
+# Shapes and start times of the benchmarks (see /work/shared/data/README.md); "split" is the
+# chronological train:val:test ratio of the windows. PEMS08_SAMPLE is the bundled real sample.
+DATASET_INFO: Dict[str, dict] = {
+    "METRLA": dict(num_nodes=207, num_steps=34272, start="2012-03-01 00:00", split=(0.7, 0.1, 0.2)),
+    "PEMSBAY": dict(num_nodes=325, num_steps=52116, start="2017-01-01 00:00", split=(0.7, 0.1, 0.2)),
+    "PEMS03": dict(num_nodes=358, num_steps=26208, start="2018-09-01 00:00", split=(0.6, 0.2, 0.2)),
+    "PEMS04": dict(num_nodes=307, num_steps=16992, start="2018-01-01 00:00", split=(0.6, 0.2, 0.2)),
+    "PEMS07": dict(num_nodes=883, num_steps=28224, start="2017-05-01 00:00", split=(0.6, 0.2, 0.2)),
+    "PEMS08": dict(num_nodes=170, num_steps=17856, start="2016-07-01 00:00", split=(0.6, 0.2, 0.2)),
+    "PEMS08_SAMPLE": dict(num_nodes=170, num_steps=1282, start="2016-07-01 00:00", split=(0.6, 0.2, 0.2)),
+}
+
+
+def canonical_name(name: str) -> str:
+    """'pems08', 'PEMS-08', 'metr-la' -> the DATASET_INFO key; unknown names raise ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    key = name.upper().replace("-", "").replace(" ", "")
+    if key not in DATASET_INFO:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_INFO)}")
+    return key
+
+
+@dataclass(frozen=True)
+class StandardScaler:
+    """z-score of the signal channel: ``(v - mean) / std``."""
+
+    mean: float
+    std: float
+
+    def transform(self, v):
+        return (v - self.mean) / self.std
+
+    def inverse_transform(self, v):
+        return v * self.std + self.mean
+
+    @staticmethod
+    def fit(signal: np.ndarray, starts: np.ndarray, in_steps: int) -> "StandardScaler":
+        """Mean and std of ``signal[s : s + in_steps]`` over all training windows ``s``.
+
+        The original stacks every training input window and takes ``x[..., 0].mean()/.std()``;
+        a step covered by k overlapping windows counts k times. We weight each step by its
+        window count instead of stacking, which gives the same statistics in O(T·N) memory.
+        ``signal`` (T, N); ``starts`` (S,) int.
+        """
+        if len(starts) == 0:
+            raise ValueError("cannot fit the scaler: the training split has no windows")
+        cover = np.zeros(signal.shape[0] + 1, dtype=np.float64)
+        np.add.at(cover, starts, 1.0)
+        np.add.at(cover, starts + in_steps, -1.0)
+        w = np.cumsum(cover)[:-1]
+        used = np.nonzero(w)[0]
+        rows = signal[used].astype(np.float64)  # (T_used, N)
+        w = w[used][:, None]
+        total = w.sum() * signal.shape[1]
+        mean = float((rows * w).sum() / total)
+        std = float(np.sqrt((((rows - mean) ** 2) * w).sum() / total))
+        if not np.isfinite(std) or std == 0.0:
+            raise ValueError(f"the training signal has zero or non-finite std ({std}); cannot z-score it")
+        return StandardScaler(mean, std)
+
+
+@dataclass
+class Batch:
+    """One batch: ``x`` (B, T_in, N, 3) with channel 0 scaled, ``y_cov`` (B, T_out, N, 2) the
+    future (tod, dow), ``labels`` (B, T_out, N, 1) scaled like the signal (teacher forcing),
+    ``target`` (B, T_out, N, 1) the raw signal (loss and metrics)."""
+
+    x: torch.Tensor
+    y_cov: torch.Tensor
+    labels: torch.Tensor
+    target: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.x, self.y_cov, self.labels, self.target)))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass
+class WindowSplit:
+    """Window start indices (S,) int64 of one split of a :class:`TrafficData`."""
+
+    name: str
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+@dataclass
+class TrafficData:
+    """A series with its split windows and scaler. Build it with :func:`traffic_data`.
+
+    ``series`` (T, N, 3) float32, unscaled. ``splits`` maps "train"/"val"/"test" to
+    :class:`WindowSplit`. Batches are gathered lazily by :meth:`batch`.
+    """
+
+    series: np.ndarray
+    splits: Dict[str, WindowSplit]
+    scaler: StandardScaler
+    name: str = "custom"
+    in_steps: int = 12
+    out_steps: int = 12
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.series.shape[1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.series.shape[0]
+
+    def batch(self, split: str, positions) -> Batch:
+        """Gather the windows ``splits[split].starts[positions]`` into a :class:`Batch`."""
+        starts = self.splits[split].starts[np.asarray(positions, dtype=np.int64)]
+        xi = starts[:, None] + np.arange(self.in_steps)                    # (B, T_in)
+        yi = starts[:, None] + self.in_steps + np.arange(self.out_steps)   # (B, T_out)
+        x = torch.from_numpy(self.series[xi])                              # (B, T_in, N, 3), a copy
+        y = torch.from_numpy(self.series[yi])                              # (B, T_out, N, 3)
+        x[..., 0] = self.scaler.transform(x[..., 0])
+        target = y[..., :1].clone()
+        labels = self.scaler.transform(target)
+        return Batch(x, y[..., 1:3].contiguous(), labels, target)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        return (f"{self.name}: {self.num_steps} steps x {self.num_nodes} nodes ({sizes} windows; "
+                f"scaler mean {self.scaler.mean:.3f} std {self.scaler.std:.3f}){' from ' + self.source if self.source else ''}")
+
+
+def parse_start(start) -> _dt.datetime:
+    if isinstance(start, _dt.datetime):
+        return start
+    if not isinstance(start, str):
+        raise TypeError(f"start must be a 'YYYY-MM-DD HH:MM' string or a datetime, got {type(start).__name__}")
+    try:
+        return _dt.datetime.fromisoformat(start.strip())
+    except ValueError:
+        raise ValueError(f"start must look like 'YYYY-MM-DD HH:MM', got {start!r}") from None
+
+
+def time_features(num_steps: int, start="2016-07-01 00:00", step_minutes: int = 5) -> Tuple[np.ndarray, np.ndarray]:
+    """Time of day (fraction of the day in [0, 1)) and day of week (Monday = 0) of each step.
+
+    Returns two float32 arrays (num_steps,). ``(tod * 288).long()`` recovers the 5-minute slot
+    exactly in float32 (checked for all 288 slots), as the model's embedding lookup needs.
+    """
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if step_minutes <= 0 or 1440 % step_minutes:
+        raise ValueError(f"step_minutes must divide a day (1440 minutes), got {step_minutes}")
+    t0 = parse_start(start)
+    minutes = t0.hour * 60 + t0.minute + np.arange(num_steps, dtype=np.int64) * step_minutes
+    days = minutes // 1440
+    tod = ((minutes % 1440) // 5).astype(np.float32) / np.float32(STEPS_PER_DAY)
+    dow = ((t0.weekday() + days) % 7).astype(np.float32)
+    return tod, dow
+
+
+def split_windows(num_steps: int, ratios: Sequence[float] = (0.6, 0.2, 0.2), in_steps: int = 12,
+                  out_steps: int = 12) -> Dict[str, np.ndarray]:
+    """Chronological split of all stride-1 windows: train = round(r0·S), val = round(r1·S),
+    test = the rest, S = num_steps − in − out + 1. Reproduces HimNet's index.npz files exactly
+    (6:2:2 for PEMS, 7:1:2 for METRLA/PEMSBAY). Returns start indices per split."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise ValueError(f"ratios must be three non-negative fractions summing to 1, got {tuple(ratios)}")
+    total = num_steps - in_steps - out_steps + 1
+    if total < 3:
+        raise ValueError(f"a series of {num_steps} steps has {max(total, 0)} windows of {in_steps}+{out_steps} "
+                         "steps; need at least 3 (one per split)")
+    n_train = int(round(ratios[0] * total))
+    n_val = int(round(ratios[1] * total))
+    starts = np.arange(total, dtype=np.int64)
+    return {"train": starts[:n_train], "val": starts[n_train:n_train + n_val], "test": starts[n_train + n_val:]}
+
+
+def traffic_data(series: np.ndarray, starts: Mapping[str, np.ndarray], *, name: str = "custom",
+                 in_steps: int = 12, out_steps: int = 12, source: str = "",
+                 scaler: Optional[StandardScaler] = None) -> TrafficData:
+    """Validate a ``(T, N, >=3)`` series and split window starts and fit the scaler on train.
+
+    Raises ValueError for a wrong shape, NaN/inf values, time features out of range, missing
+    splits, or windows that run past the end of the series.
+    """
+    if not isinstance(series, np.ndarray):
+        raise TypeError(f"series must be a numpy array, got {type(series).__name__}")
+    if series.ndim != 3 or series.shape[2] < 3:
+        raise ValueError(f"series must have shape (T, N, 3) (signal, time of day, day of week), "
+                         f"got {series.shape}")
+    if series.shape[0] == 0 or series.shape[1] == 0:
+        raise ValueError(f"series is empty: shape {series.shape}")
+    series = np.ascontiguousarray(series[..., :3], dtype=np.float32)
+    bad = ~np.isfinite(series)
+    if bad.any():
+        t, n, c = np.argwhere(bad)[0]
+        raise ValueError(f"series has {int(bad.sum())} NaN/inf values (first at step {t}, node {n}, channel {c}); "
+                         "fill or mask them (the metrics ignore zeros, so 0 marks a missing reading)")
+    tod, dow = series[..., 1], series[..., 2]
+    if tod.min() < 0 or tod.max() >= 1:
+        raise ValueError(f"series[..., 1] (time of day) must be in [0, 1), got range [{tod.min()}, {tod.max()}]")
+    if dow.min() < 0 or dow.max() > 6 or not np.array_equal(dow, np.floor(dow)):
+        raise ValueError(f"series[..., 2] (day of week) must be integers 0..6, got range [{dow.min()}, {dow.max()}]")
+    missing = [s for s in SPLITS if s not in starts]
+    if missing:
+        raise ValueError(f"window starts are missing split(s) {missing}; got {sorted(starts)}")
+    splits = {}
+    T = series.shape[0]
+    for s in SPLITS:
+        st = np.asarray(starts[s])
+        if st.ndim != 1 or not np.issubdtype(st.dtype, np.integer):
+            raise ValueError(f"{s} window starts must be a 1-D integer array, got shape {st.shape} dtype {st.dtype}")
+        st = st.astype(np.int64)
+        if len(st) and (st.min() < 0 or st.max() + in_steps + out_steps > T):
+            raise ValueError(f"{s} windows run past the series: starts in [{st.min()}, {st.max()}] need "
+                             f"start + {in_steps + out_steps} <= T = {T}")
+        splits[s] = WindowSplit(s, st)
+    if scaler is None:
+        scaler = StandardScaler.fit(series[..., 0], splits["train"].starts, in_steps)
+    return TrafficData(series, splits, scaler, name=name, in_steps=in_steps, out_steps=out_steps, source=source)
+
+
+def _npz(path: str, keys: Sequence[str]):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        z = np.load(path, allow_pickle=False)  # never unpickle objects from a data file
+    except Exception as exc:  # zipfile/format errors have unhelpful messages on their own
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+    missing = [k for k in keys if k not in z.files]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; the file has {z.files}")
+    return z
+
+
+def index_to_starts(index: np.ndarray, in_steps: int = 12, out_steps: int = 12, what: str = "index") -> np.ndarray:
+    """HimNet index rows ``[s, s + in, s + in + out]`` (S, 3) -> starts (S,), checked."""
+    if index.ndim != 2 or index.shape[1] != 3:
+        raise ValueError(f"{what} must have shape (S, 3) with rows [s, s+{in_steps}, s+{in_steps + out_steps}], "
+                         f"got {index.shape}")
+    if len(index) and not (np.all(index[:, 1] - index[:, 0] == in_steps)
+                           and np.all(index[:, 2] - index[:, 1] == out_steps)):
+        raise ValueError(f"{what} rows must be [s, s+{in_steps}, s+{in_steps + out_steps}]; first row {index[0].tolist()}")
+    return index[:, 0].astype(np.int64)
+
+
+def load_himnet_dir(path: str, *, name: Optional[str] = None, in_steps: int = 12, out_steps: int = 12) -> TrafficData:
+    """HimNet format: ``path/data.npz`` key ``data`` (T, N, >=3) and ``path/index.npz`` keys
+    train/val/test (S, 3)."""
+    data = _npz(os.path.join(path, "data.npz"), ["data"])["data"]
+    index = _npz(os.path.join(path, "index.npz"), list(SPLITS))
+    if data.ndim != 3 or data.shape[2] < 3:
+        raise ValueError(f"{path}/data.npz: 'data' must have shape (T, N, 3) (signal, tod, dow), got {data.shape}")
+    starts = {s: index_to_starts(index[s], in_steps, out_steps, f"{path}/index.npz['{s}']") for s in SPLITS}
+    return traffic_data(data, starts, name=name or os.path.basename(os.path.normpath(path)),
+                        in_steps=in_steps, out_steps=out_steps, source=path)
+
+
+def load_pems_npz(path: str, *, start="2016-07-01 00:00", step_minutes: int = 5, channel: int = 0,
+                  ratios: Sequence[float] = (0.6, 0.2, 0.2), name: Optional[str] = None,
+                  in_steps: int = 12, out_steps: int = 12) -> TrafficData:
+    """Raw PEMS file: key ``data`` (T, N, C) or (T, N); channel ``channel`` (0 = flow) is the
+    signal, time features come from ``start`` and the step, windows are split chronologically."""
+    data = _npz(path, ["data"])["data"]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: 'data' must have shape (T, N, C) or (T, N), got {data.shape}")
+    if not 0 <= channel < data.shape[2]:
+        raise ValueError(f"channel must be in [0, {data.shape[2]}) for {path} with shape {data.shape}, got {channel}")
+    return from_signal(data[..., channel], start=start, step_minutes=step_minutes, ratios=ratios,
+                       name=name or os.path.splitext(os.path.basename(path))[0], in_steps=in_steps,
+                       out_steps=out_steps, source=path)
+
+
+def from_signal(signal: np.ndarray, *, start="2016-07-01 00:00", step_minutes: int = 5,
+                ratios: Sequence[float] = (0.6, 0.2, 0.2), name: str = "custom", in_steps: int = 12,
+                out_steps: int = 12, source: str = "") -> TrafficData:
+    """A (T, N) signal -> TrafficData with derived time features and a chronological split."""
+    if signal.ndim != 2:
+        raise ValueError(f"signal must have shape (T, N), got {signal.shape}")
+    T, N = signal.shape
+    tod, dow = time_features(T, start, step_minutes)
+    series = np.empty((T, N, 3), dtype=np.float32)
+    series[..., 0] = signal
+    series[..., 1] = tod[:, None]
+    series[..., 2] = dow[:, None]
+    return traffic_data(series, split_windows(T, ratios, in_steps, out_steps), name=name,
+                        in_steps=in_steps, out_steps=out_steps, source=source)
+
+
+def load_dataset(name: str = "PEMS08_SAMPLE", data_dir: Optional[str] = None, *, synthetic: bool = False,
+                 num_steps: Optional[int] = None, num_nodes: Optional[int] = None, seed: int = 0) -> TrafficData:
+    """Resolve a dataset by name.
+
+    * ``synthetic``: :func:`~himnet_fast.data.synthetic_traffic` with the dataset's shape and
+      start (``num_steps``/``num_nodes`` override the shape).
+    * ``data_dir``: the HimNet format (``data.npz`` + ``index.npz``) in ``data_dir`` or
+      ``data_dir/NAME``, else a raw ``NAME.npz`` (any case) in ``data_dir`` or ``data_dir/NAME``.
+    * neither: the bundled real PEMS08 sample (only for ``PEMS08_SAMPLE``).
+    """
+    key = canonical_name(name)
+    info = DATASET_INFO[key]
+    if synthetic:
+        from .synthetic import synthetic_traffic
+        T = num_steps or info["num_steps"]
+        N = num_nodes or info["num_nodes"]
+        sig = synthetic_traffic(T, N, seed=seed, start=info["start"])
+        return from_signal(sig, start=info["start"], ratios=info["split"], name=f"{key}(synthetic {T}x{N})",
+                           source=f"synthetic seed {seed}")
+    if data_dir is None:
+        if key != "PEMS08_SAMPLE":
+            raise ValueError(f"dataset {key} needs --data-dir (or --synthetic); only PEMS08_SAMPLE is bundled")
+        from ..datasets import load_pems08_sample
+        return load_pems08_sample()
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
+    for d in (data_dir, os.path.join(data_dir, key), os.path.join(data_dir, name)):
+        if os.path.isfile(os.path.join(d, "data.npz")) and os.path.isfile(os.path.join(d, "index.npz")):
+            return load_himnet_dir(d, name=key)
+    for d in (data_dir, os.path.join(data_dir, key), os.path.join(data_dir, name)):
+        if not os.path.isdir(d):
+            continue
+        for f in sorted(os.listdir(d)):
+            if f.lower() == key.lower() + ".npz":
+                return load_pems_npz(os.path.join(d, f), start=info["start"], ratios=info["split"], name=key)
+    raise FileNotFoundError(f"no {key} data under {data_dir!r}: expected data.npz + index.npz (HimNet format) "
+                            f"or {key}.npz (raw PEMS) in it or in its {key}/ subfolder")
