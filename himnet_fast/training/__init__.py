@@ -1,0 +1,15 @@
+"""Training and evaluation of HimNet following the paper's protocol (HIMNET_SPEC.md).
+
+* :mod:`.protocol`: per-dataset presets, masked MAE / Huber losses, masked metrics.
+* :mod:`.trainer`: :class:`Trainer` (Adam, MultiStepLR, clipping, early stopping, teacher
+  forcing by ``batches_seen``, optional bf16 autocast, DDP under torchrun) and
+  :func:`evaluate_model`.
+* :mod:`.checkpoint`: atomic saves, RNG states as tensors, ``weights_only`` loading.
+* :mod:`.interpret`: the paper's §5.6 meta-parameter analysis (export, PCA, similarity).
+* :mod:`.cli`: the ``train`` and ``evaluate`` subcommands of ``himnet-fast``.
+"""
+from .protocol import MetricAccumulator, get_preset, loss_fn, masked_mae_loss
+from .trainer import TrainConfig, Trainer, build_model, evaluate_model, seed_everything
+
+__all__ = ["MetricAccumulator", "TrainConfig", "Trainer", "build_model", "evaluate_model", "get_preset",
+           "loss_fn", "masked_mae_loss", "seed_everything"]

@@ -1,0 +1,169 @@
+"""The paper's training protocol: per-dataset presets, losses and masked metrics.
+
+Values follow HIMNET_SPEC.md ("Training protocol of the paper"). When the package-level
+``himnet_fast.presets.PRESETS`` table exists it is the single source of truth and is read
+from there (tests check that both agree with the spec); this module's table is the fallback.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+MODEL_KEYS = ("num_nodes", "hidden_dim", "tod_embedding_dim", "dow_embedding_dim", "node_embedding_dim",
+              "st_embedding_dim", "tf_decay_steps")
+TRAIN_KEYS = ("weight_decay", "milestones", "loss")
+
+
+def _p(n, h, tod, dow, node, st, tf, wd, ms, loss):
+    return dict(num_nodes=n, hidden_dim=h, tod_embedding_dim=tod, dow_embedding_dim=dow, node_embedding_dim=node,
+                st_embedding_dim=st, tf_decay_steps=tf, weight_decay=wd, milestones=list(ms), loss=loss)
+
+
+# name -> model sizes and the optimiser settings that differ between datasets.
+PAPER_PRESETS: Dict[str, dict] = {
+    "METRLA": _p(207, 64, 8, 8, 16, 16, 6000, 5e-4, [30, 40], "mae"),
+    "PEMSBAY": _p(325, 64, 8, 8, 16, 16, 6000, 1e-4, [25, 35], "mae"),
+    "PEMS03": _p(358, 64, 8, 8, 16, 16, 4000, 3e-4, [30, 50], "huber"),
+    "PEMS04": _p(307, 64, 12, 4, 16, 16, 4000, 1e-4, [30, 50], "huber"),
+    "PEMS07": _p(883, 64, 8, 8, 16, 16, 6000, 1e-4, [40, 60], "huber"),
+    "PEMS08": _p(170, 96, 10, 2, 14, 10, 6000, 0.0, [40, 60, 80], "huber"),
+}
+
+# Settings shared by every dataset (HIMNET_SPEC.md).
+COMMON = dict(lr=1e-3, eps=1e-3, gamma=0.1, batch_size=16, max_epochs=200, patience=20, clip_grad=5.0)
+
+# The bundled 1,282-step real PEMS08 sample: PEMS08's embeddings and loss, but a model and a
+# schedule sized for a few CPU minutes. 47 batches per epoch: with the paper's tf_decay_steps
+# (6000) teacher forcing would stay on for the whole run and the model would never see its own
+# predictions; 100 lets it decay to ~50% after ~460 batches (about 10 epochs).
+SAMPLE_PRESET = dict(PAPER_PRESETS["PEMS08"], hidden_dim=32, tf_decay_steps=100, milestones=[20, 30],
+                     max_epochs=8)
+
+
+def _normalise_loss(value) -> str:
+    v = str(value).lower().replace("loss", "").replace("masked", "").replace("_", "").strip()
+    if v in ("mae", "l1"):
+        return "mae"
+    if v in ("huber", "smoothl1"):
+        return "huber"
+    raise ValueError(f"unknown loss {value!r}; expected 'mae' (masked MAE) or 'huber'")
+
+
+def get_preset(name: str) -> dict:
+    """Preset of dataset ``name`` (METRLA, PEMSBAY, PEMS03/04/07/08, PEMS08_SAMPLE): the model
+    sizes (MODEL_KEYS), ``weight_decay``, ``milestones``, ``loss`` ("mae" or "huber") and the
+    COMMON settings. Returns a fresh dict."""
+    from ..data.series import canonical_name
+
+    key = canonical_name(name)
+    if key == "PEMS08_SAMPLE":
+        out = dict(COMMON)
+        out.update(SAMPLE_PRESET)
+        return _copy(out)
+    table = _package_presets()
+    base = dict(PAPER_PRESETS[key])
+    if table is not None and key in table:
+        theirs = table[key]
+        for k in MODEL_KEYS + TRAIN_KEYS:
+            if k in theirs:
+                base[k] = theirs[k]
+    base["loss"] = _normalise_loss(base["loss"])
+    out = dict(COMMON)
+    out.update(base)
+    return _copy(out)
+
+
+def _copy(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
+
+
+def _package_presets() -> Optional[dict]:
+    try:
+        from .. import presets
+    except ImportError:
+        return None
+    table = getattr(presets, "PRESETS", None)
+    if not isinstance(table, dict):
+        return None
+    return {str(k).upper().replace("-", ""): (v if isinstance(v, dict) else vars(v)) for k, v in table.items()}
+
+
+def model_kwargs(preset: dict) -> dict:
+    """The HimNet constructor arguments of a preset."""
+    return {k: preset[k] for k in MODEL_KEYS}
+
+
+# ---------------------------------------------------------------------------- losses / metrics
+
+def masked_mae_loss(pred: torch.Tensor, true: torch.Tensor, null_val: float = 0.0) -> torch.Tensor:
+    """The original masked MAE: entries with ``true == null_val`` are ignored and the mask is
+    rescaled by its mean, so the result is ``Σ|pred − true|·m / Σm`` (0 if nothing is valid)."""
+    mask = (true != null_val).to(pred.dtype)
+    denom = mask.sum()
+    return torch.where(denom > 0, ((pred - true).abs() * mask).sum() / denom.clamp_min(1), denom * 0)
+
+
+def loss_fn(name: str):
+    """"mae" -> masked MAE, "huber" -> torch's Huber loss (delta 1.0, mean), on raw values."""
+    name = _normalise_loss(name)
+    if name == "mae":
+        return masked_mae_loss
+    return lambda pred, true: F.huber_loss(pred, true)
+
+
+class MetricAccumulator:
+    """Masked MAE / RMSE / MAPE per horizon step and overall, accumulated batch by batch.
+
+    Equal to the original's metrics on the concatenated predictions (mask ``true != 0`` rescaled
+    by its mean) without keeping them: it sums, per step, the count of valid entries and
+    ``|e|``, ``e²`` and ``|e / true|`` over them, in float64.
+    """
+
+    def __init__(self, out_steps: int, device=None):
+        self.sums = torch.zeros(4, out_steps, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
+        """pred, true (B, out_steps, N, C) in raw units."""
+        if pred.shape != true.shape:
+            raise ValueError(f"pred and true must have the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
+        pred, true = pred.double(), true.double()
+        mask = true != 0
+        err = torch.where(mask, pred - true, torch.zeros_like(pred))
+        dims = [d for d in range(pred.dim()) if d != 1]
+        self.sums[0] += mask.sum(dims)
+        self.sums[1] += err.abs().sum(dims)
+        self.sums[2] += (err * err).sum(dims)
+        self.sums[3] += torch.where(mask, err.abs() / true.abs().clamp_min(1e-12), err).sum(dims)
+
+    def all_reduce(self) -> None:
+        """Sum the accumulators over the ranks of the default process group."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    @staticmethod
+    def _metrics(s) -> dict:
+        n = float(s[0])
+        if n == 0:
+            return {"MAE": math.nan, "RMSE": math.nan, "MAPE": math.nan}
+        return {"MAE": float(s[1]) / n, "RMSE": math.sqrt(float(s[2]) / n), "MAPE": 100.0 * float(s[3]) / n}
+
+    def compute(self) -> dict:
+        """{"overall": {MAE, RMSE, MAPE (%)}, "steps": [{...} per horizon step]}; NaN where no
+        entry was valid."""
+        s = self.sums.cpu()
+        return {"overall": self._metrics(s.sum(1)), "steps": [self._metrics(s[:, t]) for t in range(s.shape[1])]}
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"{'step':>7} {'MAE':>9} {'RMSE':>9} {'MAPE%':>8}"]
+    for i, r in enumerate(m["steps"]):
+        lines.append(f"{i + 1:>7} {r['MAE']:9.3f} {r['RMSE']:9.3f} {r['MAPE']:8.2f}")
+    o = m["overall"]
+    lines.append(f"{'all':>7} {o['MAE']:9.3f} {o['RMSE']:9.3f} {o['MAPE']:8.2f}")
+    return "\n".join(lines)

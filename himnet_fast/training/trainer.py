@@ -1,0 +1,443 @@
+"""The training loop of the paper on :class:`himnet_fast.HimNet`, resumable bit for bit.
+
+One :class:`Trainer` owns the model, Adam, MultiStepLR, the batch order and the counters.
+Per batch: forward with teacher forcing driven by ``batches_seen`` (the number of batches
+trained before this one), inverse-scale the prediction, loss on raw values (masked MAE or
+Huber), backward, clip the gradient norm to 5, step. Per epoch: the scheduler steps, the
+validation loss (mean over batches, as the original) decides the best model and early
+stopping. Under ``torchrun`` the model is wrapped in DistributedDataParallel and each rank
+trains on its shard of every batch (see :class:`~himnet_fast.data.BatchOrder`).
+
+Resuming: a checkpoint holds the model, optimizer, scheduler, every RNG state and the
+counters, including how far into the current epoch training got; the epoch's batch order
+is a function of (seed, epoch). A resumed run therefore continues exactly as the
+uninterrupted one would have (bitwise on CPU; on GPU as far as the kernels are deterministic).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from ..data.sampler import BatchOrder
+from ..data.series import TrafficData
+from . import checkpoint as ckpt
+from .protocol import MetricAccumulator, get_preset, loss_fn, model_kwargs
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in checkpoints as a plain dict)."""
+
+    dataset: str = "PEMS08_SAMPLE"
+    model: dict = field(default_factory=dict)   # HimNet constructor arguments
+    max_epochs: int = 200
+    batch_size: int = 16
+    eval_batch_size: Optional[int] = None       # default: batch_size (as the original)
+    lr: float = 1e-3
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    clip_grad: float = 5.0
+    patience: int = 20
+    loss: str = "huber"
+    amp: bool = False                           # bf16 autocast for the forward
+    seed: int = 0
+    limit_batches: Optional[int] = None         # per epoch, for train, val and test (smoke runs)
+    save_every: Optional[int] = None            # also write checkpoint.pt every k batches
+    backend: Optional[str] = None
+
+    @classmethod
+    def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
+        """The paper's settings for ``dataset`` (see protocol.get_preset), then ``overrides``
+        (None values are ignored; model-size keys go into ``model``)."""
+        p = get_preset(dataset)
+        model = model_kwargs(p)
+        cfg = cls(dataset=dataset, model=model, max_epochs=p["max_epochs"], batch_size=p["batch_size"],
+                  lr=p["lr"], eps=p["eps"], weight_decay=p["weight_decay"], milestones=list(p["milestones"]),
+                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"])
+        names = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k in names:
+                setattr(cfg, k, v)
+            elif k in model:
+                cfg.model[k] = v
+            else:
+                raise TypeError(f"unknown training setting {k!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # plain containers only
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # teacher forcing draws from numpy's global RNG
+    torch.manual_seed(seed)
+
+
+def build_model(model_config: dict, backend: Optional[str] = None):
+    from ..nn.himnet import HimNet
+
+    return HimNet(**model_config, backend=backend)
+
+
+def _dist_info():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Progress:
+    """tqdm when installed and stderr is a TTY; plain prints every ~10% on a TTY without
+    tqdm; nothing when not a TTY (logs get the per-epoch lines only)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        self.total, self.desc, self.n = total, desc, 0
+        self.enabled = enabled and sys.stderr.isatty()
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, loss: Optional[float] = None) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.enabled and (self.n == self.total or self.n % max(1, self.total // 10) == 0):
+            extra = f" loss {loss:.4f}" if loss is not None else ""
+            print(f"  {self.desc} {self.n}/{self.total}{extra}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size: int = 16, device="cpu",
+                   limit_batches: Optional[int] = None, amp: bool = False, criterion: Optional[Callable] = None,
+                   progress: bool = False) -> dict:
+    """Masked MAE/RMSE/MAPE of ``model`` on a split, per horizon step and overall (raw units).
+
+    Shards the windows over the ranks of an initialised process group (without padding, so
+    every window counts once) and sums the statistics over the ranks. With ``criterion`` the
+    result also has "loss": the mean of the per-batch losses, as the original's validation.
+    """
+    rank, world = _dist_info()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    order = BatchOrder(len(data.splits[split]), batch_size, shuffle=False, rank=rank, world_size=world, pad=False,
+                       limit_batches=limit_batches)
+    acc = MetricAccumulator(data.out_steps, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = _Progress(len(order), f"eval {split}", progress and rank == 0)
+    for pos in order.batches(0):
+        b = data.batch(split, pos).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(b.x, b.y_cov)
+        pred = data.scaler.inverse_transform(out.float())
+        acc.update(pred, b.target)
+        if criterion is not None:
+            loss_sum[0] += float(criterion(pred, b.target))
+            loss_sum[1] += 1
+        bar.update()
+    bar.close()
+    acc.all_reduce()
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(loss_sum)
+    model.train(was_training)
+    result = acc.compute()
+    if criterion is not None:
+        result["loss"] = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else math.nan
+    return result
+
+
+class Trainer:
+    """Train ``model`` on ``data`` with ``config``; write checkpoints and metrics to ``out_dir``.
+
+    Build a fresh run with ``Trainer(data, config, ...)`` (seeds everything, then builds the
+    model) and a resumed one with :meth:`Trainer.resume`.
+    """
+
+    def __init__(self, data: TrafficData, config: TrainConfig, *, device="cpu", out_dir: Optional[str] = None,
+                 progress: bool = True, model=None, log: Callable[[str], None] = print):
+        self.data, self.config = data, config
+        self.device = torch.device(device)
+        self.out_dir = out_dir
+        self.progress = progress
+        self.rank, self.world = _dist_info()
+        self._log = log
+        if config.model.get("num_nodes", data.num_nodes) != data.num_nodes:
+            # the preset's size is the benchmark's; a subset or synthetic stand-in has its own
+            self.log(f"note: the preset has {config.model['num_nodes']} nodes, the data {data.num_nodes}: "
+                     f"using {data.num_nodes}")
+        config.model["num_nodes"] = data.num_nodes
+        seed_everything(config.seed)
+        self.model = (model if model is not None else build_model(config.model, config.backend)).to(self.device)
+        self.net = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DDP(self.model, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, eps=config.eps,
+                                          weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.milestones),
+                                                              gamma=config.gamma)
+        self.criterion = loss_fn(config.loss)
+        self.order = BatchOrder(len(data.splits["train"]), config.batch_size, shuffle=True, seed=config.seed,
+                                rank=self.rank, world_size=self.world, pad=True, limit_batches=config.limit_batches)
+        # counters: everything needed to continue exactly
+        self.epoch = 0              # completed epochs
+        self.step_in_epoch = 0      # batches of the current epoch already trained
+        self.batches_seen = 0       # drives teacher forcing
+        self.epoch_loss_sum = 0.0
+        self.best_val = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: List[dict] = []
+        self.best_state = None
+
+    # ------------------------------------------------------------------ logging / files
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            self._log(msg)
+
+    def _path(self, name: str) -> Optional[str]:
+        return None if self.out_dir is None else os.path.join(self.out_dir, name)
+
+    # ------------------------------------------------------------------ training
+    def train_batch(self, positions: np.ndarray) -> float:
+        b = self.data.batch("train", positions).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
+            out = self.net(b.x, b.y_cov, b.labels, self.batches_seen)
+        pred = self.data.scaler.inverse_transform(out.float())
+        loss = self.criterion(pred, b.target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        self.optimizer.step()
+        self.batches_seen += 1
+        return float(loss.detach())
+
+    def fit(self, *, stop_after_batches: Optional[int] = None) -> dict:
+        """Train until max_epochs or early stopping; returns the metrics summary.
+
+        ``stop_after_batches`` interrupts after that many training batches of this call
+        (writing checkpoint.pt first), as a kill would between two saves; for tests and for
+        time-boxed jobs. Returns the partial summary in that case.
+        """
+        cfg = self.config
+        self.model.train()
+        done_now = 0
+        while self.epoch < cfg.max_epochs and not self.stopped_early:
+            t0 = time.perf_counter()
+            n_batches = len(self.order)
+            bar = _Progress(n_batches - self.step_in_epoch, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
+            for pos in self.order.batches(self.epoch, skip=self.step_in_epoch):
+                loss = self.train_batch(pos)
+                self.epoch_loss_sum += loss
+                self.step_in_epoch += 1
+                done_now += 1
+                bar.update(loss)
+                if cfg.save_every and self.step_in_epoch % cfg.save_every == 0 and self.step_in_epoch < n_batches:
+                    self.save_checkpoint()
+                if stop_after_batches is not None and done_now >= stop_after_batches:
+                    bar.close()
+                    self.save_checkpoint()
+                    return self.summary()
+            bar.close()
+            train_loss = self.epoch_loss_sum / max(1, n_batches)
+            self.scheduler.step()
+            t_train = time.perf_counter() - t0
+            val = evaluate_model(self.model, self.data, "val", batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                 device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
+                                 criterion=self.criterion, progress=self.progress)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_loss_sum = 0.0
+            improved = val["loss"] < self.best_val
+            if improved:
+                self.best_val, self.best_epoch, self.bad_epochs = val["loss"], self.epoch, 0
+            else:
+                self.bad_epochs += 1
+                self.stopped_early = self.bad_epochs >= cfg.patience
+            self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                                 "val_mae": val["overall"]["MAE"], "lr": self.optimizer.param_groups[0]["lr"],
+                                 "batches_seen": self.batches_seen, "train_seconds": t_train,
+                                 "epoch_seconds": time.perf_counter() - t0})
+            self.log(f"epoch {self.epoch:3d}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+                     f"val MAE {val['overall']['MAE']:.3f}  lr {self.history[-1]['lr']:.1e}  "
+                     f"{self.history[-1]['epoch_seconds']:.1f}s{'  *best*' if improved else ''}")
+            if improved:
+                self.save_best()
+            self.save_checkpoint()
+            self.write_metrics()
+        if self.stopped_early:
+            self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Test the best model, write metrics.json and the loss curve; returns the summary."""
+        cfg = self.config
+        if self.best_state is not None:
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.best_state)
+        else:
+            current = None
+        test = evaluate_model(self.model, self.data, "test", batch_size=cfg.eval_batch_size or cfg.batch_size,
+                              device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
+                              progress=self.progress)
+        if current is not None:
+            self.model.load_state_dict(current)
+        self.test_metrics = test
+        self.log(f"test (best epoch {self.best_epoch}): MAE {test['overall']['MAE']:.3f}  "
+                 f"RMSE {test['overall']['RMSE']:.3f}  MAPE {test['overall']['MAPE']:.2f}%")
+        self.write_metrics()
+        self.plot_losses()
+        return self.summary()
+
+    # ------------------------------------------------------------------ state
+    def counters(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "batches_seen": self.batches_seen,
+                "epoch_loss_sum": self.epoch_loss_sum, "best_val": self.best_val, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
+                "order_seed": self.order.seed, "world_size": self.world}
+
+    def _common(self) -> dict:
+        return {"format": ckpt.FORMAT, "config": self.config.to_dict(),
+                "data": {"name": self.data.name, "num_nodes": self.data.num_nodes, "in_steps": self.data.in_steps,
+                         "out_steps": self.data.out_steps, "scaler_mean": self.data.scaler.mean,
+                         "scaler_std": self.data.scaler.std}}
+
+    def state_dict(self) -> dict:
+        d = self._common()
+        d.update(kind="latest", model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                 scheduler=ckpt.scheduler_state(self.scheduler), rng=ckpt.rng_state(), counters=self.counters(),
+                 history=list(self.history))
+        if self.best_state is not None:
+            d["best_model"] = self.best_state
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_scheduler_state(self.scheduler, state["scheduler"])
+        c = state["counters"]
+        if c["world_size"] != self.world:
+            raise ValueError(f"checkpoint was written by a run with {c['world_size']} process(es); this run has "
+                             f"{self.world}: the batch order would differ")
+        self.epoch, self.step_in_epoch, self.batches_seen = c["epoch"], c["step_in_epoch"], c["batches_seen"]
+        self.epoch_loss_sum, self.best_val, self.best_epoch = c["epoch_loss_sum"], c["best_val"], c["best_epoch"]
+        self.bad_epochs, self.stopped_early = c["bad_epochs"], c["stopped_early"]
+        self.history = list(state["history"])
+        self.best_state = state.get("best_model")
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        path = self._path("checkpoint.pt")
+        if path is not None and self.rank == 0:
+            ckpt.atomic_save(self.state_dict(), path)
+
+    def save_best(self) -> None:
+        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        path = self._path("best.pt")
+        if path is not None and self.rank == 0:
+            d = self._common()
+            d.update(kind="best", model=self.best_state, epoch=self.epoch, val_loss=self.best_val)
+            ckpt.atomic_save(d, path)
+
+    @classmethod
+    def resume(cls, path: str, data: TrafficData, *, device="cpu", out_dir: Optional[str] = None,
+               progress: bool = True, log: Callable[[str], None] = print, **overrides) -> "Trainer":
+        """Continue the run saved in ``path``. ``overrides`` may change ``max_epochs``,
+        ``patience`` or ``limit_batches`` only, so the continued run stays the same run."""
+        state = ckpt.load(path)
+        if not ckpt.is_training_checkpoint(state) or state.get("kind") != "latest":
+            raise ValueError(f"{path} is not a training checkpoint (checkpoint.pt) that can be resumed")
+        config = TrainConfig.from_dict(state["config"])
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k not in ("max_epochs", "patience", "limit_batches", "save_every"):
+                raise ValueError(f"cannot change {k!r} when resuming; only max_epochs, patience, limit_batches")
+            setattr(config, k, v)
+        meta = state["data"]
+        if meta["num_nodes"] != data.num_nodes:
+            raise ValueError(f"{path} was trained on {meta['num_nodes']} nodes; the data has {data.num_nodes}")
+        if not (math.isclose(meta["scaler_mean"], data.scaler.mean, rel_tol=1e-6)
+                and math.isclose(meta["scaler_std"], data.scaler.std, rel_tol=1e-6)):
+            raise ValueError(f"{path} was trained on different data (scaler mean/std {meta['scaler_mean']:.4f}/"
+                             f"{meta['scaler_std']:.4f}, now {data.scaler.mean:.4f}/{data.scaler.std:.4f})")
+        trainer = cls(data, config, device=device, out_dir=out_dir, progress=progress, log=log)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ------------------------------------------------------------------ outputs
+    def summary(self) -> dict:
+        return {"config": self.config.to_dict(), "data": self.data.describe(), "counters": self.counters(),
+                "history": self.history, "test": getattr(self, "test_metrics", None),
+                "num_parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def write_metrics(self) -> None:
+        path = self._path("metrics.json")
+        if path is None or self.rank != 0:
+            return
+        s = self.summary()
+        s["counters"]["best_val"] = None if math.isinf(s["counters"]["best_val"]) else s["counters"]["best_val"]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(s, f, indent=1, allow_nan=True)
+        os.replace(tmp, path)
+
+    def plot_losses(self) -> Optional[str]:
+        path = self._path("loss_curve.png")
+        if path is None or self.rank != 0 or not self.history:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("matplotlib not installed: no loss curve")
+            return None
+        ep = [h["epoch"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(ep, [h["train_loss"] for h in self.history], "-o", label="train")
+        ax.plot(ep, [h["val_loss"] for h in self.history], "-o", label="validation")
+        if self.best_epoch > 0:
+            ax.axvline(self.best_epoch, color="gray", ls=":", label=f"best (epoch {self.best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{self.config.loss} loss (raw units)")
+        ax.set_title(f"HimNet on {self.data.name}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
