@@ -1,0 +1,87 @@
+"""Helpers shared by the Triton launchers: interpreter detection, block sizes, dot precision.
+
+Only launchers (plain Python) use these; the ``@triton.jit`` kernels take the results as
+``tl.constexpr`` arguments so that every mode switch compiles away.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Block edge used for every tiled dimension under TRITON_INTERPRET=1. Small on purpose: the
+# interpreter runs each program in numpy, and tiny tiles make CI's small test shapes span
+# several tiles, so the masking and multi-tile paths are exercised on CPU.
+INTERPRET_BLOCK = 16
+
+# tl.dot needs every operand dimension >= 16 (M, N and K) on NVIDIA tensor cores.
+MIN_DOT = 16
+
+# Element offsets are computed in int32 inside the kernels.
+_MAX_OFFSET = 2 ** 31 - 1
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2_block(n: int, cap: int, floor: int = MIN_DOT) -> int:
+    """Power-of-two block edge covering ``n`` (at least ``floor``), capped at ``cap``.
+
+    Under the interpreter the block is ``INTERPRET_BLOCK`` unless ``n`` needs a bigger one
+    to be held whole (``cap`` is then reached anyway).
+    """
+    if interpreting():
+        cap = max(floor, min(cap, INTERPRET_BLOCK))
+    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def whole_block(n: int, floor: int = MIN_DOT) -> int:
+    """Power-of-two block holding all of ``n`` at once (for small dims such as D)."""
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on ``dtype`` operands.
+
+    fp32 follows PyTorch's flag: TF32 tensor cores only when
+    ``torch.backends.cuda.matmul.allow_tf32`` is True, exact ("ieee") otherwise, so fp32
+    results match the reference to 1e-4 with TF32 off. For 16-bit and fp64 operands Triton
+    ignores the setting; "ieee" is accepted everywhere.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def check_offsets(**tensors: torch.Tensor) -> None:
+    """Raise when a tensor is too large for the kernels' int32 element offsets."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span > _MAX_OFFSET:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} spans {span} elements; the Triton kernels "
+                             f"use 32-bit offsets (at most {_MAX_OFFSET}): use backend='torch' or split the batch")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a nominal 8 on CPU / in the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/bf16/fp16 operands (statistics never in 16 bits), fp64
+    for fp64 (so float64 gradchecks stay exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of :func:`acc_torch_dtype`, passed to kernels as ``tl.constexpr``."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32

@@ -1,0 +1,311 @@
+"""Triton kernels for the adaptive-graph product ``out[g] = softmax(relu(E[g] E[g]ᵀ), -1) @ V[g]``.
+
+E (G, N, D) is both query and key; V (G, N, W). The static graph arrives as G = 1 with the
+batch folded into the value columns (W = B*C, e.g. 16*64 = 1024); the per-sample decoder graph
+as G = B. The scores are ``relu(q·k)`` with no scaling.
+
+Forward (flash-attention style): one program per (row block, W tile, g) loops over key
+blocks, keeps the online-softmax running max ``m`` and sum ``l`` in fp32 and accumulates
+``p @ V_block`` into an fp32 (BLOCK_M, BLOCK_W) tile. Scores are never stored; W wider than
+one tile is split over programs (each recomputes the cheap D-wide scores). It saves the
+per-row ``lse = m + log(l)`` (fp32) for backward. Since relu makes every valid score >= 0,
+``m`` starts at 0 instead of -inf: no inf - inf, and a row whose scores are all <= 0 gets
+``p = exp(0 - log N) = 1/N`` exactly as softmax of zeros.
+
+Backward (the flash-attention backward with the ReLU mask), three passes, no atomics:
+* delta[i] = <dO_i, O_i> (the softmax backward's row term), fp32.
+* dV: per (key block, W tile): ``dV_j = sum_i P_ijᵀ dO_i`` with P recomputed from lse.
+* dE, query side: per row block i: ``dE_i = sum_j dS_ij E_j``;
+  key side: per key block j: ``dE_j += sum_i dS_ijᵀ E_i``, adding into the query-side result.
+  ``dS = P ⊙ (dO Vᵀ - delta) ⊙ [s > 0]``; ``dO Vᵀ`` is reduced over all W inside the program.
+No buffer of size N×N exists at any point; extra memory is O(G·N·(D + 1)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import acc_dtype, acc_torch_dtype, check_offsets, dot_precision, pow2_block, whole_block
+
+__all__ = ["adaptive_matmul_forward", "adaptive_matmul_backward"]
+
+
+@triton.jit
+def _adaptive_matmul_fwd_kernel(
+    e_ptr, v_ptr, o_ptr, lse_ptr,
+    N, D, W,
+    se_g, se_n, se_d,
+    sv_g, sv_n, sv_w,
+    so_g, so_n, so_w,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    n_w = tl.cdiv(W, BLOCK_W)
+    pid_w = pid % n_w
+    pid_m = pid // n_w
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rw = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    rd = tl.arange(0, BLOCK_D)
+    m_mask = rm < N
+    w_mask = rw < W
+    d_mask = rd < D
+    e_g = e_ptr + g * se_g
+    v_g = v_ptr + g * sv_g
+
+    # Query rows: zero-padded to BLOCK_D >= 16 (tl.dot's minimum), which leaves q·k unchanged.
+    eq = tl.load(e_g + rm[:, None] * se_n + rd[None, :] * se_d, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        ek_t = tl.load(e_g + rn[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & n_mask[None, :],
+                       other=0.0)
+        s = tl.maximum(tl.dot(eq, ek_t, input_precision=PRECISION, out_dtype=ACC), 0.0)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # Online softmax: rescale what was accumulated under the old running max.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb = tl.load(v_g + rn[:, None] * sv_n + rw[None, :] * sv_w, mask=n_mask[:, None] & w_mask[None, :],
+                     other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + g * so_g + rm[:, None] * so_n + rw[None, :] * so_w, out.to(o_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & w_mask[None, :])
+    if pid_w == 0:
+        tl.store(lse_ptr + g * N + rm, m_i + tl.log(l_i), mask=m_mask)
+
+
+@triton.jit
+def _adaptive_matmul_bwd_delta_kernel(
+    do_ptr, o_ptr, delta_ptr,
+    N, W,
+    sdo_g, sdo_n, sdo_w,
+    so_g, so_n, so_w,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr,
+):
+    """delta[g, i] = sum_w dO[g, i, w] * O[g, i, w] in fp32."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < N
+    acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    for w0 in range(0, W, BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        mask = m_mask[:, None] & (rw[None, :] < W)
+        do = tl.load(do_ptr + g * sdo_g + rm[:, None] * sdo_n + rw[None, :] * sdo_w, mask=mask, other=0.0)
+        o = tl.load(o_ptr + g * so_g + rm[:, None] * so_n + rw[None, :] * so_w, mask=mask, other=0.0)
+        acc += tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+    tl.store(delta_ptr + g * N + rm, acc, mask=m_mask)
+
+
+@triton.jit
+def _adaptive_matmul_bwd_dv_kernel(
+    e_ptr, do_ptr, lse_ptr, dv_ptr,
+    N, D, W,
+    se_g, se_n, se_d,
+    sdo_g, sdo_n, sdo_w,
+    sdv_g, sdv_n, sdv_w,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dV[g, j-block, w-tile] = sum over query blocks i of P_ijᵀ dO_i."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    n_w = tl.cdiv(W, BLOCK_W)
+    pid_w = pid % n_w
+    pid_n = pid // n_w
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    rd = tl.arange(0, BLOCK_D)
+    n_mask = rn < N
+    w_mask = rw < W
+    d_mask = rd < D
+    e_g = e_ptr + g * se_g
+
+    ek = tl.load(e_g + rn[:, None] * se_n + rd[None, :] * se_d, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    dv = tl.zeros((BLOCK_N, BLOCK_W), dtype=ACC)
+    for m0 in range(0, N, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < N
+        eq_t = tl.load(e_g + rm[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & m_mask[None, :],
+                       other=0.0)
+        # sᵀ block (keys x queries); recomputed, never stored.
+        s_t = tl.maximum(tl.dot(ek, eq_t, input_precision=PRECISION, out_dtype=ACC), 0.0)
+        lse = tl.load(lse_ptr + g * N + rm, mask=m_mask, other=0.0)
+        p_t = tl.where(m_mask[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+        do = tl.load(do_ptr + g * sdo_g + rm[:, None] * sdo_n + rw[None, :] * sdo_w,
+                     mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    tl.store(dv_ptr + g * sdv_g + rn[:, None] * sdv_n + rw[None, :] * sdv_w, dv.to(dv_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & w_mask[None, :])
+
+
+@triton.jit
+def _adaptive_matmul_bwd_de_kernel(
+    e_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, de_ptr,
+    N, D, W,
+    se_g, se_n, se_d,
+    sv_g, sv_n, sv_w,
+    sdo_g, sdo_n, sdo_w,
+    KEY_SIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dE contribution of E as query (KEY_SIDE False: own block = query rows i, loop over keys j,
+    dE_i = sum_j dS_ij E_j, written) or as key (KEY_SIDE True: own block = key rows j, loop over
+    queries i, dE_j += sum_i dS_ijᵀ E_i, added to what the query side wrote).
+
+    ``de_ptr`` is a contiguous (G, N, D) buffer in the accumulation dtype. Both sides use the
+    same (own rows x other rows) orientation; only which of them plays query changes."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    ra = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # own rows
+    rd = tl.arange(0, BLOCK_D)
+    a_mask = ra < N
+    d_mask = rd < D
+    e_g = e_ptr + g * se_g
+    v_g = v_ptr + g * sv_g
+    do_g = do_ptr + g * sdo_g
+
+    ea = tl.load(e_g + ra[:, None] * se_n + rd[None, :] * se_d, mask=a_mask[:, None] & d_mask[None, :], other=0.0)
+    if not KEY_SIDE:
+        lse_a = tl.load(lse_ptr + g * N + ra, mask=a_mask, other=0.0)
+        delta_a = tl.load(delta_ptr + g * N + ra, mask=a_mask, other=0.0)
+    de = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    for b0 in range(0, N, BLOCK_N):
+        rb = b0 + tl.arange(0, BLOCK_N)  # other rows
+        b_mask = rb < N
+        eb_t = tl.load(e_g + rb[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & b_mask[None, :],
+                       other=0.0)
+        # s is symmetric (E Eᵀ), so own x other is s[i, j] on the query side and sᵀ on the key side.
+        s = tl.dot(ea, eb_t, input_precision=PRECISION, out_dtype=ACC)
+        # dP (own x other) = dO_query · V_key, reduced over all W columns here.
+        dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for w0 in range(0, W, BLOCK_W):
+            rw = w0 + tl.arange(0, BLOCK_W)
+            w_mask = rw < W
+            if KEY_SIDE:
+                va = tl.load(v_g + ra[:, None] * sv_n + rw[None, :] * sv_w, mask=a_mask[:, None] & w_mask[None, :],
+                             other=0.0)
+                do_t = tl.load(do_g + rb[None, :] * sdo_n + rw[:, None] * sdo_w,
+                               mask=w_mask[:, None] & b_mask[None, :], other=0.0)
+                dp = tl.dot(va, do_t, dp, input_precision=PRECISION)
+            else:
+                do = tl.load(do_g + ra[:, None] * sdo_n + rw[None, :] * sdo_w, mask=a_mask[:, None] & w_mask[None, :],
+                             other=0.0)
+                vb_t = tl.load(v_g + rb[None, :] * sv_n + rw[:, None] * sv_w, mask=w_mask[:, None] & b_mask[None, :],
+                               other=0.0)
+                dp = tl.dot(do, vb_t, dp, input_precision=PRECISION)
+        if KEY_SIDE:
+            lse_b = tl.load(lse_ptr + g * N + rb, mask=b_mask, other=0.0)
+            delta_b = tl.load(delta_ptr + g * N + rb, mask=b_mask, other=0.0)
+            p = tl.exp(tl.maximum(s, 0.0) - lse_b[None, :])
+            ds = p * (dp - delta_b[None, :])
+        else:
+            p = tl.exp(tl.maximum(s, 0.0) - lse_a[:, None])
+            ds = p * (dp - delta_a[:, None])
+        # ReLU mask: relu'(s) = 0 for s <= 0 (torch's convention); padded rows/cols drop out too.
+        ds = tl.where((s > 0) & a_mask[:, None] & b_mask[None, :], ds, 0.0)
+        eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+        de = tl.dot(ds.to(eb.dtype), eb, de, input_precision=PRECISION)
+
+    out = de_ptr + (g * N + ra[:, None]) * D + rd[None, :]
+    o_mask = a_mask[:, None] & d_mask[None, :]
+    if KEY_SIDE:
+        de += tl.load(out, mask=o_mask, other=0.0)
+    tl.store(out, de, mask=o_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _blocks(N: int, D: int, W: int, w_cap: int) -> Tuple[int, int, int, int]:
+    block_m = pow2_block(N, 64)
+    block_n = pow2_block(N, 64)
+    return block_m, block_n, whole_block(D), pow2_block(W, w_cap)
+
+
+def _check(e: torch.Tensor, v: torch.Tensor) -> None:
+    if e.shape[0] > 65535:
+        raise ValueError(f"embedding has {e.shape[0]} graphs (dim 0 of shape {tuple(e.shape)}); the Triton "
+                         "kernels launch one grid row per graph, at most 65535")
+    check_offsets(embedding=e, v=v)
+
+
+def adaptive_matmul_forward(e: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """e (G, N, D), v (G, N, W) -> (out (G, N, W) in v's dtype, lse (G, N) fp32 row logsumexp).
+
+    Inputs may be non-contiguous (read through strides)."""
+    G, N, D = e.shape
+    W = v.shape[-1]
+    out = torch.empty(G, N, W, device=v.device, dtype=v.dtype)
+    lse = torch.empty(G, N, device=v.device, dtype=acc_torch_dtype(v.dtype))
+    if out.numel() == 0:
+        lse.fill_(math.log(max(N, 1)))  # softmax of zeros over N columns
+        return out, lse
+    _check(e, v)
+    block_m, block_n, block_d, block_w = _blocks(N, D, W, 128)
+    grid = (triton.cdiv(N, block_m) * triton.cdiv(W, block_w), G)
+    _adaptive_matmul_fwd_kernel[grid](
+        e, v, out, lse, N, D, W,
+        *e.stride(), *v.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
+        PRECISION=dot_precision(v.dtype), ACC=acc_dtype(v.dtype), num_warps=4 if block_w <= 64 else 8,
+    )
+    return out, lse
+
+
+def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, need_e: bool = True, need_v: bool = True):
+    """Gradients of :func:`adaptive_matmul_forward` from what it saved (E, V, out, lse).
+
+    Returns (de (G, N, D) in e's dtype or None, dv (G, N, W) in v's dtype or None)."""
+    G, N, D = e.shape
+    W = v.shape[-1]
+    de = dv = None
+    acc_t, acc_tl = acc_torch_dtype(v.dtype), acc_dtype(v.dtype)
+    precision = dot_precision(v.dtype)
+    if G * N == 0 or W == 0 or D == 0:
+        return (torch.zeros_like(e) if need_e else None), (torch.zeros_like(v) if need_v else None)
+    _check(e, v)
+    check_offsets(dout=dout)
+    block_m, block_n, block_d, block_w = _blocks(N, D, W, 64)
+
+    if need_v:
+        dv = torch.empty(G, N, W, device=v.device, dtype=v.dtype)
+        _adaptive_matmul_bwd_dv_kernel[(triton.cdiv(N, block_n) * triton.cdiv(W, block_w), G)](
+            e, dout, lse, dv, N, D, W,
+            *e.stride(), *dout.stride(), *dv.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
+            PRECISION=precision, ACC=acc_tl, num_warps=4,
+        )
+    if need_e:
+        delta = torch.empty(G, N, device=v.device, dtype=acc_t)
+        _adaptive_matmul_bwd_delta_kernel[(triton.cdiv(N, block_m), G)](
+            dout, out, delta, N, W, *dout.stride(), *out.stride(),
+            BLOCK_M=block_m, BLOCK_W=pow2_block(W, 128, 1), ACC=acc_tl, num_warps=4,
+        )
+        de_acc = torch.empty(G, N, D, device=e.device, dtype=acc_t)
+        # Query side writes, then key side adds: two ordered passes instead of atomics.
+        for key_side in (False, True):
+            _adaptive_matmul_bwd_de_kernel[(triton.cdiv(N, block_m), G)](
+                e, v, dout, lse, delta, de_acc, N, D, W,
+                *e.stride(), *v.stride(), *dout.stride(),
+                KEY_SIDE=key_side,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
+                PRECISION=precision, ACC=acc_tl, num_warps=4,
+            )
+        de = de_acc.to(e.dtype)
+    return de, dv
