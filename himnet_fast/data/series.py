@@ -251,10 +251,14 @@ def _npz(path: str, keys: Sequence[str]):
         z = np.load(path, allow_pickle=False)  # never unpickle objects from a data file
     except Exception as exc:  # zipfile/format errors have unhelpful messages on their own
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
-    missing = [k for k in keys if k not in z.files]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; the file has {z.files}")
-    return z
+    with z:
+        missing = [k for k in keys if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: missing key(s) {missing}; the file has {z.files}")
+        try:
+            return {k: z[k] for k in keys}
+        except ValueError as exc:  # object arrays need pickle, which we refuse
+            raise ValueError(f"{path}: not a readable .npz of numeric arrays ({exc})") from exc
 
 
 def index_to_starts(index: np.ndarray, in_steps: int = 12, out_steps: int = 12, what: str = "index") -> np.ndarray:

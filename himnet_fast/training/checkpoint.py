@@ -125,3 +125,32 @@ def is_training_checkpoint(obj: Any) -> bool:
 def is_raw_state_dict(obj: Any) -> bool:
     """A bare ``state_dict`` of the original model (or of himnet_fast.HimNet)."""
     return isinstance(obj, dict) and "node_embedding" in obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def infer_model_config(state: dict, ycov_dim: int = 2) -> dict:
+    """HimNet constructor arguments from a bare state_dict's shapes.
+
+    ``node_embedding`` (N, D_s), ``tod_embedding.weight`` (288, D_tod), ``dow_embedding.weight``
+    (7, D_dow), ``st_proj.weight`` (D_st, H), ``out_proj.weight`` (O, H); the decoder's first
+    gate pool (D_st, K·(O + ycov + H), 2H) gives K, the encoder's (D_s, K·(C + H), 2H) gives C.
+    ``ycov_dim`` cannot be told apart from K and is taken as given (HimNet uses 2).
+    """
+    need = ["node_embedding", "tod_embedding.weight", "dow_embedding.weight", "st_proj.weight", "out_proj.weight",
+            "encoder_s.cells.0.gate.weights_pool", "decoder.cells.0.gate.weights_pool"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"not a HimNet state_dict: missing {missing}")
+    n, d_s = state["node_embedding"].shape
+    d_st, h = state["st_proj.weight"].shape
+    o = state["out_proj.weight"].shape[0]
+    dec_rows = state["decoder.cells.0.gate.weights_pool"].shape[1]
+    enc_rows = state["encoder_s.cells.0.gate.weights_pool"].shape[1]
+    k, rem = divmod(dec_rows, o + ycov_dim + h)
+    if rem or k < 2 or enc_rows % k:
+        raise ValueError(f"cannot infer cheb_k from decoder rows {dec_rows} (output {o} + ycov {ycov_dim} + hidden {h})")
+    layers = len({key.split(".")[2] for key in state if key.startswith("encoder_s.cells.")})
+    return dict(num_nodes=int(n), input_dim=int(enc_rows // k - h), output_dim=int(o), hidden_dim=int(h),
+                num_layers=layers, cheb_k=int(k), ycov_dim=ycov_dim,
+                tod_embedding_dim=int(state["tod_embedding.weight"].shape[1]),
+                dow_embedding_dim=int(state["dow_embedding.weight"].shape[1]), node_embedding_dim=int(d_s),
+                st_embedding_dim=int(d_st))

@@ -38,6 +38,7 @@ class TrainConfig:
     """Everything that defines a run (stored in checkpoints as a plain dict)."""
 
     dataset: str = "PEMS08_SAMPLE"
+    data_source: dict = field(default_factory=dict)  # how the data was loaded (load_dataset kwargs)
     model: dict = field(default_factory=dict)   # HimNet constructor arguments
     max_epochs: int = 200
     batch_size: int = 16
