@@ -1,0 +1,107 @@
+"""``himnet-fast bench`` and ``himnet-fast scale`` (plugged into himnet_fast.cli).
+
+Only argparse work happens at import: torch, pandas and matplotlib load in the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+_OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
+_WHAT = ("himnet",) + _OPS
+_PROVIDERS = ("reference", "reference-compile", "torch", "torch-compile", "triton", "cuda", "flex")
+
+
+def _common(p: argparse.ArgumentParser, default_what: str) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to run (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size B (default 16)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated subset of {','.join(_PROVIDERS)} (default: all on cuda; "
+                        "reference,reference-compile,torch,triton,cuda on cpu)")
+    p.add_argument("--what", default=default_what,
+                   help=f"comma-separated kernels: himnet (the model) and/or ops {','.join(_OPS)} "
+                        f"(default {default_what})")
+    p.add_argument("--modes", default="train,infer",
+                   help="model modes: train (forward+backward) and/or infer (default both); "
+                        "ops always run forward, backward and full")
+    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per job (default 3 on cpu, 20 on cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on cpu, 3 on cuda)")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="per-process limit (RLIMIT_AS on cpu, memory fraction on cuda); exceeding it "
+                        "is recorded as OOM")
+    p.add_argument("--timeout-s", type=float, default=None, help="per-job wall-clock limit (recorded as timeout)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads in each worker (default: torch's own choice)")
+    p.add_argument("--no-check", action="store_true", help="skip the agreement check against the reference")
+    p.add_argument("--check-max-nodes", type=int, default=1024,
+                   help="check agreement at full size up to this N; above, on a 256-node graph")
+
+
+def add_subcommands(subparsers) -> None:
+    b = subparsers.add_parser("bench", help="model train/infer steps and per-op forward/backward, per provider",
+                              description="Benchmark one preset: training step, inference and the single ops "
+                                          "of every provider, each in its own process.")
+    b.add_argument("--preset", default="metrla",
+                   help="metrla, pemsbay, pems03, pems04, pems07, pems08, sd, gba, gla, ca or synthetic-N")
+    b.add_argument("--nodes", default=None, help="override the preset's graph size (e.g. 16 for a smoke run)")
+    _common(b, "himnet," + ",".join(_OPS))
+    b.set_defaults(func=_bench)
+    s = subparsers.add_parser("scale", help="sweep over graph sizes",
+                              description="Latency and peak memory against the number of nodes N.")
+    s.add_argument("--preset", default="pems07", help="model sizes to use at every N (default pems07)")
+    s.add_argument("--nodes", required=True, help="comma-separated graph sizes, e.g. 207,883,2352,8600")
+    _common(s, "himnet")
+    s.set_defaults(func=_scale)
+
+
+def _config(args, kind: str):
+    import torch
+
+    from ..presets import get_preset
+    from . import providers as P
+    from .runner import RunConfig, parse_list, parse_nodes
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(args.preset)
+    if args.nodes:
+        nodes = parse_nodes(args.nodes)
+    else:
+        nodes = [preset.num_nodes]
+    if args.providers:
+        providers = parse_list(args.providers, "--providers", _PROVIDERS)
+    else:
+        providers = P.default_providers(torch.device(device))
+    cpu = device == "cpu"
+    return RunConfig(
+        kind=kind, preset=preset.name, nodes=nodes, batch_size=args.batch_size, device=device,
+        providers=providers, what=parse_list(args.what, "--what", _WHAT),
+        modes=parse_list(args.modes, "--modes", P.MODEL_MODES), out=args.out or f"bench/results/{device}",
+        repeats=args.repeats if args.repeats is not None else (3 if cpu else 20),
+        warmup=args.warmup if args.warmup is not None else (1 if cpu else 3),
+        memory_limit_gb=args.memory_limit_gb, timeout_s=args.timeout_s, check=not args.no_check,
+        check_max_nodes=args.check_max_nodes, threads=args.threads,
+        command="himnet-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+    )
+
+
+def _run(args, kind: str) -> int:
+    from .runner import execute
+
+    try:
+        cfg = _config(args, kind)
+    except (ValueError, TypeError) as exc:
+        print(f"himnet-fast {kind}: {exc}", file=sys.stderr)
+        return 2
+    df = execute(cfg)
+    return 0 if (df.status != "error").all() else 1
+
+
+def _bench(args) -> int:
+    return _run(args, "bench")
+
+
+def _scale(args) -> int:
+    return _run(args, "scale")

@@ -1,0 +1,141 @@
+"""Markdown tables (pandas) and PNG plots (matplotlib, log-log against N) of a results frame."""
+from __future__ import annotations
+
+import math
+import os
+from typing import List
+
+REF = "reference"
+
+
+def _num(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    f = _num(v)
+    return "" if f is None else format(f, spec)
+
+
+def add_ratios(df):
+    """Add ``speedup`` (reference p50 / p50) and ``mem_ratio`` (reference peak / peak: how
+    many times less memory) per (kernel, mode, x, batch_size); blank where the reference has
+    no timing (skipped, OOM)."""
+    import pandas as pd
+
+    df = df.copy()
+    for c in ("p20", "p50", "p80", "peak_mem_mb", "peak_mem_abs_mb"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    keys = ["kernel", "mode", "x", "batch_size"]
+    ref = df[(df.provider == REF) & (df.status == "ok")][keys + ["p50", "peak_mem_mb"]]
+    ref = ref.rename(columns={"p50": "ref_p50", "peak_mem_mb": "ref_peak"}).drop_duplicates(keys)
+    df = df.merge(ref, on=keys, how="left")
+    df["speedup"] = df["ref_p50"] / df["p50"]
+    df["mem_ratio"] = df["ref_peak"] / df["peak_mem_mb"]
+    return df.drop(columns=["ref_p50", "ref_peak"])
+
+
+def to_markdown(df) -> str:
+    """A pipe table of a small DataFrame (pandas' own needs the optional 'tabulate')."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(df):
+    """One line per (kernel, mode, N, provider): time, memory and ratios vs the reference."""
+    import pandas as pd
+
+    d = add_ratios(df)
+    order = {p: i for i, p in enumerate(["reference", "reference-compile", "torch", "torch-compile",
+                                         "triton", "cuda", "flex"])}
+    d["_o"] = d.provider.map(order).fillna(99)
+    d = d.sort_values(["kernel", "mode", "x", "_o"], kind="stable")
+    out = pd.DataFrame({
+        "kernel": d.kernel, "mode": d["mode"], "N": d.x, "B": d.batch_size, "provider": d.provider,
+        "status": d.status,
+        "p50 ms": d.p50.map(lambda v: _fmt(v, ".4g")),
+        "p20-p80 ms": [f"{_fmt(a, '.4g')}-{_fmt(b, '.4g')}" if _num(a) is not None else ""
+                       for a, b in zip(d.p20, d.p80)],
+        "peak MiB (+)": d.peak_mem_mb.map(lambda v: _fmt(v, ".0f")),
+        "peak MiB (abs)": d.peak_mem_abs_mb.map(lambda v: _fmt(v, ".0f")),
+        "speedup vs ref": d.speedup.map(lambda v: _fmt(v, ".2f") + "x" if _num(v) else ""),
+        "memory ratio vs ref": d.mem_ratio.map(lambda v: _fmt(v, ".2f") + "x" if _num(v) else ""),
+        "samples/s": d.samples_per_s.map(lambda v: _fmt(v, ".3g")),
+        "TFLOP/s": d.tflops.map(lambda v: _fmt(v, ".3g")),
+        "% peak": d.pct_peak_tflops.map(lambda v: _fmt(v, ".2g")),
+        "GB/s": d.gbps.map(lambda v: _fmt(v, ".3g")),
+        "first call s": d.first_call_ms.map(lambda v: _fmt(_num(v) / 1e3, ".1f") if _num(v) else ""),
+        "max rel err": d.max_rel_err.map(lambda v: _fmt(v, ".1e")),
+        "load": d.load_avg.map(lambda v: _fmt(v, ".1f")),
+        "note": d.reason.fillna("").astype(str).str.slice(0, 160),
+    })
+    return out.reset_index(drop=True)
+
+
+def write_markdown(df, path: str, cfg=None) -> str:
+    first = df.iloc[0] if len(df) else None
+    lines = [f"# himnet-fast {getattr(cfg, 'kind', 'bench')} results", ""]
+    if cfg is not None and cfg.command:
+        lines += [f"Command: `{cfg.command}`", ""]
+    if first is not None:
+        lines += [f"Device: {first['device']}; torch {first['torch']}, triton {first['triton'] or '-'}, "
+                  f"CUDA {first['cuda'] or '-'}; commit {first['git_commit'] or '-'}; {first['timestamp']}.", ""]
+    lines += ["Time: p50 (p20-p80) of wall clock per call (CUDA events on a GPU). Peak memory: increase "
+              "of the worker process's peak over its baseline once model and inputs exist "
+              "(RSS on CPU, allocated memory on a GPU), and the absolute peak. Ratios are against "
+              "`reference` at the same N and batch: speedup = reference time / time, memory ratio = "
+              "reference peak / peak. \"first call\" includes torch.compile's compilation. "
+              "Model TFLOP/s count the matmul FLOPs of the lean algorithm; train = forward + backward.",
+              "", to_markdown(summary_table(df)), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def write_plots(df, out_dir: str, stem: str) -> List[str]:
+    """Per (kernel, mode): latency and peak memory against N, log-log, one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    ok = df[df.status == "ok"].copy()
+    for c in ("x", "p50", "peak_mem_mb", "peak_mem_abs_mb"):
+        ok[c] = pd.to_numeric(ok[c], errors="coerce")
+    paths = []
+    for (kernel, mode), g in ok.groupby(["kernel", "mode"], sort=True):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for provider, gp in g.groupby("provider", sort=False):
+            gp = gp.sort_values("x")
+            axes[0].plot(gp.x, gp.p50, marker="o", label=provider)
+            mem = gp.peak_mem_mb.where(gp.peak_mem_mb > 0)
+            axes[1].plot(gp.x, mem, marker="o", label=provider)
+        oom = df[(df.kernel == kernel) & (df["mode"] == mode) & (df.status == "oom")]
+        for _, r in oom.iterrows():
+            axes[1].axvline(float(r.x), color="grey", linestyle=":", linewidth=1)
+            axes[1].annotate(f"{r.provider} OOM", (float(r.x), 0.02), xycoords=("data", "axes fraction"),
+                             rotation=90, fontsize=7, color="grey")
+        batch = g.batch_size.iloc[0]
+        device = str(g.device.iloc[0])[:40]
+        for ax, ylabel in zip(axes, ("p50 time per call (ms)", "peak memory increase (MiB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("nodes N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{kernel} {mode}, batch {batch} - {device}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{stem}_{kernel}_{mode}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
