@@ -291,7 +291,11 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
             PRECISION=precision, ACC=acc_tl, num_warps=4,
         )
-    if need_e:
+    if need_e and N == 1:
+        # softmax over one column is identically 1: dE is exactly 0 (the general formula gives
+        # dO·V - dO·O, zero only up to the round-off of two different summation orders).
+        de = torch.zeros_like(e)
+    elif need_e:
         delta = torch.empty(G, N, device=v.device, dtype=acc_t)
         _adaptive_matmul_bwd_delta_kernel[(triton.cdiv(N, block_m), G)](
             dout, out, delta, N, W, *dout.stride(), *out.stride(),
