@@ -62,7 +62,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 softmax_stats_kernel(const T* __restrict__ e, acc_t<T>* __restrict__ stats, int64_t nodes, int d) {
   using A = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HIMNET_DYNAMIC_SMEM(smem_raw);
   const int dp = padded(d);
   A* qs = reinterpret_cast<A*>(smem_raw);  // (kStatRows, dp): the CTA's query rows
   A* ks = qs + kStatRows * dp;             // (kStatKeys, dp): the current key block
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<T>::value)
 adaptive_matmul_fwd_kernel(const T* __restrict__ e, const T* __restrict__ v, const acc_t<T>* __restrict__ stats,
                            T* __restrict__ out, int64_t nodes, int d, int64_t width) {
   using A = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HIMNET_DYNAMIC_SMEM(smem_raw);
   const int dp = padded(d);
   A* qs = reinterpret_cast<A*>(smem_raw);  // (kRows, dp): query rows, loaded once
   A* ks = qs + kRows * dp;                 // (kKeys, dp): current key block
@@ -188,7 +188,9 @@ adaptive_matmul_fwd_kernel(const T* __restrict__ e, const T* __restrict__ v, con
   }
 }
 
-#ifndef HIMNET_EMULATION
+#ifdef HIMNET_EMULATION
+template <typename K> cudaError_t allow_smem(K, size_t) { return cudaSuccess; }
+#else
 // Raises the kernel's dynamic shared-memory limit when a large embedding needs more than the
 // default 48 KB (the launch would fail otherwise).
 template <typename K> cudaError_t allow_smem(K kernel, size_t dynamic_bytes) {
@@ -218,6 +220,7 @@ int64_t adaptive_matmul_max_embed_dim(int dtype) {
   // padded(d) <= p: d = p when p is odd (padded(p) = p), else d = p - 1.
   return p % 2 == 1 ? p : p - 1;
 }
+#endif
 
 cudaError_t adaptive_matmul_forward(const void* e, const void* v, void* out, void* stats, int64_t groups,
                                     int64_t nodes, int64_t embed_dim, int64_t width, int dtype,
@@ -233,19 +236,18 @@ cudaError_t adaptive_matmul_forward(const void* e, const void* v, void* out, voi
     if (err != cudaSuccess) return err;
 
     const dim3 grid1(static_cast<unsigned>(ceil_div(nodes, kStatRows)), static_cast<unsigned>(groups));
-    softmax_stats_kernel<T><<<grid1, kThreads, smem1, stream>>>(static_cast<const T*>(e), static_cast<A*>(stats),
-                                                               nodes, d);
+    HIMNET_LAUNCH(softmax_stats_kernel<T>, grid1, kThreads, smem1, stream, static_cast<const T*>(e),
+                  static_cast<A*>(stats), nodes, d);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
     const dim3 grid2(static_cast<unsigned>(ceil_div(nodes, kRows)), static_cast<unsigned>(ceil_div(width, kCols)),
                      static_cast<unsigned>(groups));
-    adaptive_matmul_fwd_kernel<T><<<grid2, dim3(16, 16), smem2, stream>>>(
+    HIMNET_LAUNCH(adaptive_matmul_fwd_kernel<T>, grid2, dim3(16, 16), smem2, stream,
         static_cast<const T*>(e), static_cast<const T*>(v), static_cast<const A*>(stats), static_cast<T*>(out),
         nodes, d, width);
     return cudaGetLastError();
   });
 }
-#endif
 
 }  // namespace himnet

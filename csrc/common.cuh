@@ -6,9 +6,19 @@
 // accumulation type and convert back only when writing the output.
 #pragma once
 
+#ifdef HIMNET_EMULATION
+#include "emulation/emu_cuda.h"  // CPU emulation for tests (csrc/emulation/README.md)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// Dynamic shared memory of a kernel, as a byte array named `name`.
+#define HIMNET_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// kernel<<<grid, block, smem, stream>>>(args...). A macro so that csrc/emulation can run the
+// very same launchers on the CPU, where it expands to a host-thread emulation of the launch.
+#define HIMNET_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #include <cstdint>
 

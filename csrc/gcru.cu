@@ -43,7 +43,6 @@ gcru_update_kernel(const T* __restrict__ pre_c, const T* __restrict__ r, const T
 
 }  // namespace
 
-#ifndef HIMNET_EMULATION
 namespace {
 unsigned blocks_for(int64_t n) {
   const int64_t b = ceil_div(n, kThreads);
@@ -56,7 +55,7 @@ cudaError_t gcru_gate_forward(const void* pre, const void* h, void* zh, void* r,
   if (rows == 0 || hidden == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gcru_gate_kernel<T><<<blocks_for(rows * hidden), kThreads, 0, stream>>>(
+    HIMNET_LAUNCH(gcru_gate_kernel<T>, blocks_for(rows * hidden), kThreads, 0, stream,
         static_cast<const T*>(pre), static_cast<const T*>(h), static_cast<T*>(zh), static_cast<T*>(r), rows, hidden);
     return cudaGetLastError();
   });
@@ -67,12 +66,13 @@ cudaError_t gcru_update_forward(const void* pre_c, const void* r, const void* h,
   if (numel == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gcru_update_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(
+    HIMNET_LAUNCH(gcru_update_kernel<T>, blocks_for(numel), kThreads, 0, stream,
         static_cast<const T*>(pre_c), static_cast<const T*>(r), static_cast<const T*>(h), static_cast<T*>(out), numel);
     return cudaGetLastError();
   });
 }
 
+#ifndef HIMNET_EMULATION
 cudaError_t probe_kernel_image() {
   // Fails with cudaErrorNoKernelImageForDevice (or a driver/device error) when this module
   // has neither SASS for the current device nor PTX it can compile.

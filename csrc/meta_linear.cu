@@ -138,7 +138,6 @@ meta_linear_fwd_kernel(const T* __restrict__ x, const T* __restrict__ q, const T
 
 }  // namespace
 
-#ifndef HIMNET_EMULATION
 cudaError_t meta_linear_forward(const void* x, const void* q, const void* pool, const void* bias_pool,
                                 void* y, int64_t rows, int64_t nodes, int64_t in_dim, int64_t out_dim,
                                 int64_t pool_dim, int axis, int dtype, cudaStream_t stream) {
@@ -147,13 +146,12 @@ cudaError_t meta_linear_forward(const void* x, const void* q, const void* pool, 
   const dim3 block(16, 16);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    meta_linear_fwd_kernel<T><<<grid, block, 0, stream>>>(
+    HIMNET_LAUNCH(meta_linear_fwd_kernel<T>, grid, block, 0, stream,
         static_cast<const T*>(x), static_cast<const T*>(q), static_cast<const T*>(pool),
         static_cast<const T*>(bias_pool), static_cast<T*>(y), rows, nodes, static_cast<int>(in_dim),
         static_cast<int>(out_dim), static_cast<int>(pool_dim), axis);
     return cudaGetLastError();
   });
 }
-#endif
 
 }  // namespace himnet
