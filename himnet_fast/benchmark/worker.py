@@ -104,11 +104,12 @@ class Job:
             self.emit(mode=mode, status="error", reason=f"{during}: {_short(exc)}")
 
     def warm(self, fn) -> float:
-        """Run the warm-up calls; the first call's duration in ms (it includes compilation)."""
+        """Run the warm-up calls; the first call's duration in ms (it includes compilation),
+        None with ``warmup=0``."""
         from . import metrics
 
         first = None
-        for _ in range(max(1, self.warmup)):
+        for _ in range(self.warmup):
             t0 = time.perf_counter()
             fn()
             metrics.synchronize(self.device)
