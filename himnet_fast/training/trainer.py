@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, List, Optional
 
@@ -275,7 +276,11 @@ class Trainer:
                     return self.summary()
             bar.close()
             train_loss = self.epoch_loss_sum / max(1, n_batches)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # After resuming at an epoch boundary no optimizer.step() has run in this process
+                # yet, and torch warns about the (correct) order; the epoch's steps did happen.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                self.scheduler.step()
             t_train = time.perf_counter() - t0
             val = evaluate_model(self.model, self.data, "val", batch_size=cfg.eval_batch_size or cfg.batch_size,
                                  device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
