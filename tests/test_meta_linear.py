@@ -138,3 +138,18 @@ def test_bad_pool_and_axis():
         hf.ops.meta_linear(x.long(), q, torch.randn(2, 4, 5), None, "ST")
     with pytest.raises(ValueError, match="x must have 3 dimensions"):
         hf.ops.meta_linear(x[0], q, torch.randn(2, 4, 5), None, "ST")
+
+
+def test_node_axis_streams_on_large_graphs(monkeypatch):
+    """Axis "S" switches from materialised (N, I, O) weights to the streamed Khatri-Rao form
+    when they exceed the dense budget; both give the reference's result."""
+    from himnet_fast.ops.meta_linear import materialize_node_weights
+    x, q, p, pb = _inputs("S", 3, 37, 10, 6, 4)
+    assert materialize_node_weights(37, p)
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0.001")
+    assert not materialize_node_weights(37, p)
+    y = hf.ops.meta_linear(x, q, p, pb, "S", backend="torch")
+    y_ref = ref_meta_linear(x, q, p, pb, "S")
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, gr in zip(_grads(y, (x, q, p, pb)), _grads(y_ref, (x, q, p, pb))):
+        assert _rel(g, gr) < 1e-4

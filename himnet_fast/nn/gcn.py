@@ -10,7 +10,7 @@ from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_tensor
 from ..ops._common import needs_grad
 from ..ops.adaptive_propagate import AdaptiveGraph
-from ..ops.meta_linear import apply_generated, generate_weights
+from ..ops.meta_linear import apply_generated, generate_weights, materialize_node_weights
 
 Support = Union[torch.Tensor, AdaptiveGraph]
 
@@ -25,9 +25,10 @@ def as_graph(support: Support, backend: Optional[str] = None) -> AdaptiveGraph:
 class GeneratedLinear:
     """The linear map of one HimGCN for a fixed query, built once and applied many times.
 
-    "T"/"S"/plain weights are materialised ((B, I, O), (N, I, O), (I, O): small); "ST" keeps
-    the query and the pool and applies them through the backend's ``meta_linear`` so the
-    (B, N, I, O) tensor is never built. ``rows`` selects a subset of the input rows of the
+    "T"/plain weights are materialised ((B, I, O), (I, O): small), and so are "S" weights
+    (N, I, O) while they fit the dense budget; "ST" (and "S" on large graphs) keeps the query
+    and the pool and applies them through the backend's ``meta_linear``, so neither the
+    (B, N, I, O) nor a large (N, I, O) tensor is built. ``rows`` selects a subset of the input rows of the
     weight (the part of a k-major ``cat(x, h)`` input that belongs to x or to h).
     """
 
@@ -35,12 +36,14 @@ class GeneratedLinear:
         self.axis = gcn.meta_axis
         self.backend = backend
         if self.axis is None:
-            self.weight, self.bias, self.query = gcn.weights, gcn.bias, None
+            self.weight, self.bias, self.query, self.streamed = gcn.weights, gcn.bias, None, False
             return
         gcn._check_query(embeddings)
         self.query = embeddings
         self.bias = embeddings @ gcn.bias_pool  # (B, O), (N, O) or (B, N, O)
-        if self.axis == "ST":
+        self.streamed = self.axis == "ST" or (
+            self.axis == "S" and not materialize_node_weights(embeddings.shape[0], gcn.weights_pool))
+        if self.streamed:
             self.weight = gcn.weights_pool
         else:
             self.weight = generate_weights(embeddings, gcn.weights_pool, self.axis)
@@ -67,17 +70,17 @@ class GeneratedLinear:
             return x @ self.weight
         if self.axis == "T":
             y = apply_generated(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight, "T")
-        elif self.axis == "S":
+        elif not self.streamed:
             y = apply_generated(x.reshape(-1, x.shape[-2], x.shape[-1]), self.weight, "S")
         else:
             q = self.query
-            if x.dim() == 4:  # one query per (sample, node), shared by the T steps
+            if self.axis == "ST" and x.dim() == 4:  # one query per (sample, node), shared by the T steps
                 q = q.unsqueeze(1).expand(*lead, q.shape[-1])
             x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
-            q3 = q.reshape(-1, q.shape[-2], q.shape[-1])
+            q3 = q if self.axis == "S" else q.reshape(-1, q.shape[-2], q.shape[-1])
             _, impl = _backend.resolve("meta_linear", self.backend, x.device,
                                        needs_grad(x3, q3, self.weight))
-            y = impl.fn(x3, q3, self.weight, None, "ST")
+            y = impl.fn(x3, q3, self.weight, None, self.axis)
         return y.reshape(*lead, y.shape[-1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

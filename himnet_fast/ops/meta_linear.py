@@ -23,9 +23,9 @@ import torch
 
 from .. import _backend
 from .._checks import check_axis, check_dim, check_same_device, check_tensor
-from ._common import cast, compute_dtype, needs_grad, no_autocast, rows_per_chunk
+from ._common import cast, compute_dtype, dense_budget_bytes, needs_grad, no_autocast, rows_per_chunk
 
-__all__ = ["meta_linear", "generate_weights"]
+__all__ = ["meta_linear", "generate_weights", "materialize_node_weights"]
 
 
 def meta_linear(x: torch.Tensor, query: torch.Tensor, weight_pool: torch.Tensor,
@@ -86,6 +86,14 @@ def generate_weights(query: torch.Tensor, weight_pool: torch.Tensor, axis: str) 
                          "use meta_linear")
     D, I, O = weight_pool.shape
     return (query @ weight_pool.reshape(D, I * O)).reshape(query.shape[0], I, O)
+
+
+def materialize_node_weights(num_nodes: int, weight_pool: torch.Tensor) -> bool:
+    """Whether axis "S" builds its (N, I, O) weights (fast for small graphs) or streams the
+    Khatri-Rao form like "ST" (needed for large graphs: 1.4 GB at N = 20,000, I = 134, O = 128).
+    The limit is ``$HIMNET_FAST_DENSE_BUDGET_MB``, the same budget as the dense graph."""
+    _, i, o = weight_pool.shape
+    return num_nodes * i * o * weight_pool.element_size() <= dense_budget_bytes()
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -158,6 +166,8 @@ def khatri_rao_linear(x: torch.Tensor, query: torch.Tensor, pool: torch.Tensor) 
 def _torch_meta_linear(x, query, weight_pool, bias_pool, axis):
     if axis == "ST":
         y = khatri_rao_linear(x, query, weight_pool)
+    elif axis == "S" and not materialize_node_weights(x.shape[1], weight_pool):
+        y = khatri_rao_linear(x, query.expand(x.shape[0], *query.shape), weight_pool)
     else:
         y = apply_generated(x, generate_weights(query, weight_pool, axis), axis)
     if bias_pool is not None:
