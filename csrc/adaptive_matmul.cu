@@ -189,12 +189,12 @@ adaptive_matmul_fwd_kernel(const T* __restrict__ e, const T* __restrict__ v, con
 }
 
 #ifdef HIMNET_EMULATION
-template <typename K> cudaError_t allow_smem(K, size_t) { return cudaSuccess; }
+template <typename K> cudaError_t allow_smem(K, size_t, size_t) { return cudaSuccess; }
 #else
-// Raises the kernel's dynamic shared-memory limit when a large embedding needs more than the
-// default 48 KB (the launch would fail otherwise).
-template <typename K> cudaError_t allow_smem(K kernel, size_t dynamic_bytes) {
-  if (dynamic_bytes <= kDefaultSmem) return cudaSuccess;
+// Opts the kernel in to more than the default 48 KB of shared memory per CTA (static plus
+// dynamic) when a large embedding needs it; the launch would fail otherwise.
+template <typename K> cudaError_t allow_smem(K kernel, size_t dynamic_bytes, size_t static_bytes) {
+  if (dynamic_bytes + static_bytes <= kDefaultSmem) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes));
 }
 #endif
@@ -231,8 +231,8 @@ cudaError_t adaptive_matmul_forward(const void* e, const void* v, void* out, voi
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const size_t smem1 = stats_smem<A>(d), smem2 = matmul_smem<A>(d);
-    cudaError_t err = allow_smem(softmax_stats_kernel<T>, smem1);
-    if (err == cudaSuccess) err = allow_smem(adaptive_matmul_fwd_kernel<T>, smem2);
+    cudaError_t err = allow_smem(softmax_stats_kernel<T>, smem1, 0);
+    if (err == cudaSuccess) err = allow_smem(adaptive_matmul_fwd_kernel<T>, smem2, matmul_static_smem<A>());
     if (err != cudaSuccess) return err;
 
     const dim3 grid1(static_cast<unsigned>(ceil_div(nodes, kStatRows)), static_cast<unsigned>(groups));
