@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Block edge used for every tiled dimension under TRITON_INTERPRET=1. Small on purpose: the
 # interpreter runs each program in numpy, and tiny tiles make CI's small test shapes span
@@ -82,6 +83,39 @@ def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def acc_dtype(dtype: torch.dtype):
     """The ``tl`` dtype of :func:`acc_torch_dtype`, passed to kernels as ``tl.constexpr``."""
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_dtype(dtype: torch.dtype):
+    """``tl`` dtype that ``tl.dot`` operands are converted to (``tl.constexpr`` DOT).
+
+    The operands' own dtype, except bf16 under TRITON_INTERPRET=1: the interpreter stores bf16
+    as raw uint16 bits and its dot multiplies those bits. bf16 -> fp32 is exact and the
+    accumulation is fp32 either way, so the interpreter still checks where the kernels round
+    to bf16 (they round before the conversion)."""
+
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def round_in_interpreter(dtype: torch.dtype) -> bool:
+    """Whether kernels must round fp32 -> bf16 by hand (``tl.constexpr`` RNE).
+
+    GPUs convert fp32 -> bf16 rounding to nearest even; the interpreter truncates (rounds
+    toward zero), which doubles the rounding error and would make the bf16 precision tests
+    measure the interpreter rather than the kernels. With RNE the kernels round the bits
+    themselves before converting; on GPU it is always False and the branch compiles away."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, RNE: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even also under the interpreter (see
+    :func:`round_in_interpreter`)."""
+    if RNE:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_offsets, dot_precision, pow2_block, whole_block
+from ._utils import (acc_dtype, acc_torch_dtype, check_offsets, dot_dtype, dot_precision, pow2_block,
+                     round_in_interpreter, to_storage, whole_block)
 
 __all__ = ["adaptive_matmul_forward", "adaptive_matmul_backward"]
 
@@ -42,7 +43,7 @@ def _adaptive_matmul_fwd_kernel(
     sv_g, sv_n, sv_w,
     so_g, so_n, so_w,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -68,7 +69,7 @@ def _adaptive_matmul_fwd_kernel(
         n_mask = rn < N
         ek_t = tl.load(e_g + rn[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & n_mask[None, :],
                        other=0.0)
-        s = tl.maximum(tl.dot(eq, ek_t, input_precision=PRECISION, out_dtype=ACC), 0.0)
+        s = tl.maximum(tl.dot(eq.to(DOT), ek_t.to(DOT), input_precision=PRECISION, out_dtype=ACC), 0.0)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Online softmax: rescale what was accumulated under the old running max.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -78,11 +79,11 @@ def _adaptive_matmul_fwd_kernel(
         vb = tl.load(v_g + rn[:, None] * sv_n + rw[None, :] * sv_w, mask=n_mask[:, None] & w_mask[None, :],
                      other=0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=PRECISION)
+        acc = tl.dot(to_storage(p, vb.dtype, RNE).to(DOT), vb.to(DOT), acc, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(o_ptr + g * so_g + rm[:, None] * so_n + rw[None, :] * so_w, out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + g * so_g + rm[:, None] * so_n + rw[None, :] * so_w, to_storage(out, o_ptr.dtype.element_ty, RNE),
              mask=m_mask[:, None] & w_mask[None, :])
     if pid_w == 0:
         tl.store(lse_ptr + g * N + rm, m_i + tl.log(l_i), mask=m_mask)
@@ -119,7 +120,7 @@ def _adaptive_matmul_bwd_dv_kernel(
     sdo_g, sdo_n, sdo_w,
     sdv_g, sdv_n, sdv_w,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """dV[g, j-block, w-tile] = sum over query blocks i of P_ijᵀ dO_i."""
     pid = tl.program_id(0)
@@ -143,13 +144,13 @@ def _adaptive_matmul_bwd_dv_kernel(
         eq_t = tl.load(e_g + rm[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & m_mask[None, :],
                        other=0.0)
         # sᵀ block (keys x queries); recomputed, never stored.
-        s_t = tl.maximum(tl.dot(ek, eq_t, input_precision=PRECISION, out_dtype=ACC), 0.0)
+        s_t = tl.maximum(tl.dot(ek.to(DOT), eq_t.to(DOT), input_precision=PRECISION, out_dtype=ACC), 0.0)
         lse = tl.load(lse_ptr + g * N + rm, mask=m_mask, other=0.0)
         p_t = tl.where(m_mask[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         do = tl.load(do_ptr + g * sdo_g + rm[:, None] * sdo_n + rw[None, :] * sdo_w,
                      mask=m_mask[:, None] & w_mask[None, :], other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-    tl.store(dv_ptr + g * sdv_g + rn[:, None] * sdv_n + rw[None, :] * sdv_w, dv.to(dv_ptr.dtype.element_ty),
+        dv = tl.dot(to_storage(p_t, do.dtype, RNE).to(DOT), do.to(DOT), dv, input_precision=PRECISION)
+    tl.store(dv_ptr + g * sdv_g + rn[:, None] * sdv_n + rw[None, :] * sdv_w, to_storage(dv, dv_ptr.dtype.element_ty, RNE),
              mask=n_mask[:, None] & w_mask[None, :])
 
 
@@ -162,7 +163,7 @@ def _adaptive_matmul_bwd_de_kernel(
     sdo_g, sdo_n, sdo_w,
     KEY_SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """dE contribution of E as query (KEY_SIDE False: own block = query rows i, loop over keys j,
     dE_i = sum_j dS_ij E_j, written) or as key (KEY_SIDE True: own block = key rows j, loop over
@@ -191,7 +192,7 @@ def _adaptive_matmul_bwd_de_kernel(
         eb_t = tl.load(e_g + rb[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & b_mask[None, :],
                        other=0.0)
         # s is symmetric (E Eᵀ), so own x other is s[i, j] on the query side and sᵀ on the key side.
-        s = tl.dot(ea, eb_t, input_precision=PRECISION, out_dtype=ACC)
+        s = tl.dot(ea.to(DOT), eb_t.to(DOT), input_precision=PRECISION, out_dtype=ACC)
         # dP (own x other) = dO_query · V_key, reduced over all W columns here.
         dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for w0 in range(0, W, BLOCK_W):
@@ -202,13 +203,13 @@ def _adaptive_matmul_bwd_de_kernel(
                              other=0.0)
                 do_t = tl.load(do_g + rb[None, :] * sdo_n + rw[:, None] * sdo_w,
                                mask=w_mask[:, None] & b_mask[None, :], other=0.0)
-                dp = tl.dot(va, do_t, dp, input_precision=PRECISION)
+                dp = tl.dot(va.to(DOT), do_t.to(DOT), dp, input_precision=PRECISION)
             else:
                 do = tl.load(do_g + ra[:, None] * sdo_n + rw[None, :] * sdo_w, mask=a_mask[:, None] & w_mask[None, :],
                              other=0.0)
                 vb_t = tl.load(v_g + rb[None, :] * sv_n + rw[:, None] * sv_w, mask=w_mask[:, None] & b_mask[None, :],
                                other=0.0)
-                dp = tl.dot(do, vb_t, dp, input_precision=PRECISION)
+                dp = tl.dot(do.to(DOT), vb_t.to(DOT), dp, input_precision=PRECISION)
         if KEY_SIDE:
             lse_b = tl.load(lse_ptr + g * N + rb, mask=b_mask, other=0.0)
             delta_b = tl.load(delta_ptr + g * N + rb, mask=b_mask, other=0.0)
@@ -220,7 +221,7 @@ def _adaptive_matmul_bwd_de_kernel(
         # ReLU mask: relu'(s) = 0 for s <= 0 (torch's convention); padded rows/cols drop out too.
         ds = tl.where((s > 0) & a_mask[:, None] & b_mask[None, :], ds, 0.0)
         eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
-        de = tl.dot(ds.to(eb.dtype), eb, de, input_precision=PRECISION)
+        de = tl.dot(to_storage(ds, eb.dtype, RNE).to(DOT), eb.to(DOT), de, input_precision=PRECISION)
 
     out = de_ptr + (g * N + ra[:, None]) * D + rd[None, :]
     o_mask = a_mask[:, None] & d_mask[None, :]
@@ -262,7 +263,7 @@ def adaptive_matmul_forward(e: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Ten
         e, v, out, lse, N, D, W,
         *e.stride(), *v.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
-        PRECISION=dot_precision(v.dtype), ACC=acc_dtype(v.dtype), num_warps=4 if block_w <= 64 else 8,
+        PRECISION=dot_precision(v.dtype), ACC=acc_dtype(v.dtype), DOT=dot_dtype(v.dtype), RNE=round_in_interpreter(v.dtype), num_warps=4 if block_w <= 64 else 8,
     )
     return out, lse
 
@@ -289,7 +290,7 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
             e, dout, lse, dv, N, D, W,
             *e.stride(), *dout.stride(), *dv.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
-            PRECISION=precision, ACC=acc_tl, num_warps=4,
+            PRECISION=precision, ACC=acc_tl, DOT=dot_dtype(v.dtype), RNE=round_in_interpreter(v.dtype), num_warps=4,
         )
     if need_e and N == 1:
         # softmax over one column is identically 1: dE is exactly 0 (the general formula gives
@@ -309,7 +310,7 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
                 *e.stride(), *v.stride(), *dout.stride(),
                 KEY_SIDE=key_side,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
-                PRECISION=precision, ACC=acc_tl, num_warps=4,
+                PRECISION=precision, ACC=acc_tl, DOT=dot_dtype(v.dtype), RNE=round_in_interpreter(v.dtype), num_warps=4,
             )
         de = de_acc.to(e.dtype)
     return de, dv

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, check_offsets, interpreting
+from ._utils import acc_dtype, check_offsets, interpreting, round_in_interpreter, to_storage
 
 __all__ = ["gcru_gate_forward", "gcru_gate_backward", "gcru_update_forward", "gcru_update_backward"]
 
@@ -37,7 +37,7 @@ def _tanh(x):
 
 @triton.jit
 def _gcru_gate_fwd_kernel(pre_ptr, h_ptr, zh_ptr, r_ptr, total, H,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr):
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     row = offs // H
@@ -45,13 +45,13 @@ def _gcru_gate_fwd_kernel(pre_ptr, h_ptr, zh_ptr, r_ptr, total, H,
     pz = tl.load(pre_ptr + row * 2 * H + col, mask=mask, other=0.0).to(ACC)
     pr = tl.load(pre_ptr + row * 2 * H + H + col, mask=mask, other=0.0).to(ACC)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(zh_ptr + offs, (_sigmoid(pz) * h).to(zh_ptr.dtype.element_ty), mask=mask)
-    tl.store(r_ptr + offs, _sigmoid(pr).to(r_ptr.dtype.element_ty), mask=mask)
+    tl.store(zh_ptr + offs, to_storage(_sigmoid(pz) * h, zh_ptr.dtype.element_ty, RNE), mask=mask)
+    tl.store(r_ptr + offs, to_storage(_sigmoid(pr), r_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
 def _gcru_gate_bwd_kernel(pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, total, H,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr):
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     row = offs // H
@@ -64,34 +64,34 @@ def _gcru_gate_bwd_kernel(pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, tot
     z = _sigmoid(pz)
     r = _sigmoid(pr)
     dty = dpre_ptr.dtype.element_ty
-    tl.store(dpre_ptr + row * 2 * H + col, (dzh * h * z * (1.0 - z)).to(dty), mask=mask)
-    tl.store(dpre_ptr + row * 2 * H + H + col, (dr * r * (1.0 - r)).to(dty), mask=mask)
-    tl.store(dh_ptr + offs, (dzh * z).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptr + row * 2 * H + col, to_storage(dzh * h * z * (1.0 - z), dty, RNE), mask=mask)
+    tl.store(dpre_ptr + row * 2 * H + H + col, to_storage(dr * r * (1.0 - r), dty, RNE), mask=mask)
+    tl.store(dh_ptr + offs, to_storage(dzh * z, dh_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
 def _gcru_update_fwd_kernel(pre_ptr, r_ptr, h_ptr, out_ptr, total,
-                            BLOCK: tl.constexpr, ACC: tl.constexpr):
+                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     c = _tanh(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC))
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + offs, (r * h + (1.0 - r) * c).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_storage(r * h + (1.0 - r) * c, out_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
 def _gcru_update_bwd_kernel(pre_ptr, r_ptr, h_ptr, dout_ptr, dpre_ptr, dr_ptr, dh_ptr, total,
-                            BLOCK: tl.constexpr, ACC: tl.constexpr):
+                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     c = _tanh(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC))
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(dpre_ptr + offs, (g * (1.0 - r) * (1.0 - c * c)).to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(dr_ptr + offs, (g * (h - c)).to(dr_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh_ptr + offs, (g * r).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptr + offs, to_storage(g * (1.0 - r) * (1.0 - c * c), dpre_ptr.dtype.element_ty, RNE), mask=mask)
+    tl.store(dr_ptr + offs, to_storage(g * (h - c), dr_ptr.dtype.element_ty, RNE), mask=mask)
+    tl.store(dh_ptr + offs, to_storage(g * r, dh_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -118,7 +118,7 @@ def gcru_gate_forward(pre: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor,
         check_offsets(pre=pre)
         block, warps = _block()
         _gcru_gate_fwd_kernel[_grid(total, block)](pre, h, zh, r, total, H, BLOCK=block,
-                                                   ACC=acc_dtype(h.dtype), num_warps=warps)
+                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
     return zh, r
 
 
@@ -132,7 +132,7 @@ def gcru_gate_backward(pre: torch.Tensor, h: torch.Tensor, dzh: torch.Tensor, dr
     if total:
         block, warps = _block()
         _gcru_gate_bwd_kernel[_grid(total, block)](pre, h, dzh, dr, dpre, dh, total, H, BLOCK=block,
-                                                   ACC=acc_dtype(h.dtype), num_warps=warps)
+                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
     return dpre, dh
 
 
@@ -145,7 +145,7 @@ def gcru_update_forward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -
         check_offsets(h=h)
         block, warps = _block()
         _gcru_update_fwd_kernel[_grid(total, block)](pre_c, r, h, out, total, BLOCK=block,
-                                                     ACC=acc_dtype(h.dtype), num_warps=warps)
+                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
     return out
 
 
@@ -158,5 +158,5 @@ def gcru_update_backward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor, 
     if total:
         block, warps = _block()
         _gcru_update_bwd_kernel[_grid(total, block)](pre_c, r, h, dout, dpre, dr, dh, total, BLOCK=block,
-                                                     ACC=acc_dtype(h.dtype), num_warps=warps)
+                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
     return dpre, dr, dh

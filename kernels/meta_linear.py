@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_offsets, dot_precision, interpreting, num_sms, pow2_block, whole_block
+from ._utils import (acc_dtype, acc_torch_dtype, check_offsets, dot_dtype, dot_precision, interpreting, num_sms,
+                     pow2_block, round_in_interpreter, to_storage, whole_block)
 
 __all__ = ["meta_linear_forward", "meta_linear_backward"]
 
@@ -55,7 +56,7 @@ def _meta_linear_fwd_kernel(
     sy_g, sy_m, sy_o,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """y (rows, O) = sum_d q_d * (x (rows, K) @ P_d (K, O)) [+ q @ Pb]."""
     pid = tl.program_id(0)
@@ -96,13 +97,14 @@ def _meta_linear_fwd_kernel(
                 qd = tl.load(q_rows + d * sq_d, mask=r_mask, other=0.0).to(ACC)
                 p = tl.load(p_tile + d * sp_d, mask=p_mask, other=0.0)
                 # (q_d ⊙ x) @ P_d: one K-slice of the Khatri-Rao GEMM.
-                acc = tl.dot((xf * qd[:, None]).to(p.dtype), p, acc, input_precision=PRECISION)
+                acc = tl.dot(to_storage(xf * qd[:, None], p.dtype, RNE).to(DOT), p.to(DOT), acc,
+                             input_precision=PRECISION)
         else:
             w = tl.zeros((BLOCK_K, BLOCK_O), dtype=ACC)
             for d in range(D):
                 qd = tl.load(q_grp + d * sq_d).to(ACC)
                 w += qd * tl.load(p_tile + d * sp_d, mask=p_mask, other=0.0).to(ACC)
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+            acc = tl.dot(x.to(DOT), to_storage(w, x.dtype, RNE).to(DOT), acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         for d in range(D):
@@ -114,7 +116,7 @@ def _meta_linear_fwd_kernel(
                 acc += tl.load(q_grp + d * sq_d).to(ACC) * pb[None, :]
 
     y_rows = y_ptr + gi * sy_g + mi * sy_m
-    tl.store(y_rows[:, None] + ro[None, :] * sy_o, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_rows[:, None] + ro[None, :] * sy_o, to_storage(acc, y_ptr.dtype.element_ty, RNE),
              mask=r_mask[:, None] & o_mask[None, :])
 
 
@@ -129,7 +131,7 @@ def _meta_linear_bwd_kernel(
     sdx_g, sdx_m, sdx_i,
     COMPUTE_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """Per row r: t_d = dy[r] @ P_dᵀ (I,); dq[r, d] = <t_d, x[r]>; dx[r] = sum_d q[r, d] t_d.
 
@@ -164,7 +166,7 @@ def _meta_linear_bwd_kernel(
                 # P_dᵀ tile (O-slice, I-slice), read through strides: no transposed copy.
                 p_t = tl.load(p_ptr + d * sp_d + oo[:, None] * sp_o + ii[None, :] * sp_i,
                               mask=o_mask[:, None] & i_mask[None, :], other=0.0)
-                t = tl.dot(dy, p_t, t, input_precision=PRECISION)
+                t = tl.dot(dy.to(DOT), p_t.to(DOT), t, input_precision=PRECISION)
             dq_d = tl.sum(t * x, axis=1)
             dq += tl.where(rd[None, :] == d, dq_d[:, None], 0.0)
             if COMPUTE_DX:
@@ -172,7 +174,7 @@ def _meta_linear_bwd_kernel(
                 dx += qd[:, None] * t
         if COMPUTE_DX:
             dx_rows = dx_ptr + gi * sdx_g + mi * sdx_m
-            tl.store(dx_rows[:, None] + ii[None, :] * sdx_i, dx.to(dx_ptr.dtype.element_ty),
+            tl.store(dx_rows[:, None] + ii[None, :] * sdx_i, to_storage(dx, dx_ptr.dtype.element_ty, RNE),
                      mask=r_mask[:, None] & i_mask[None, :])
     tl.store(dq_ptr + rr[:, None] * D + rd[None, :], dq, mask=r_mask[:, None] & (rd[None, :] < D))
 
@@ -185,7 +187,7 @@ def _meta_linear_bwd_dp_kernel(
     sq_g, sq_m, sq_d,
     sdy_g, sdy_m, sdy_o,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """Partial dP[split, d, I-tile, O-tile] = sum over the split's rows of (q_d ⊙ x)ᵀ dy (fp32)."""
     pid = tl.program_id(0)
@@ -213,8 +215,8 @@ def _meta_linear_bwd_dp_kernel(
         qd = tl.load(q_ptr + gi * sq_g + mi * sq_m + d * sq_d, mask=r_mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + gi[:, None] * sdy_g + mi[:, None] * sdy_m + oo[None, :] * sdy_o,
                      mask=r_mask[:, None] & o_mask[None, :], other=0.0)
-        a = (x.to(ACC) * qd[:, None]).to(dy.dtype)
-        acc = tl.dot(tl.trans(a), dy, acc, input_precision=PRECISION)
+        a = to_storage(x.to(ACC) * qd[:, None], dy.dtype, RNE)
+        acc = tl.dot(tl.trans(a).to(DOT), dy.to(DOT), acc, input_precision=PRECISION)
     out = dp_ptr + ((split * D + d) * I + ii[:, None]) * O + oo[None, :]
     tl.store(out, acc, mask=i_mask[:, None] & o_mask[None, :])
 
@@ -280,7 +282,7 @@ def _fwd(x, query, pool, pool_strides, bias_pool, axis, out_cols):
         *_layout(y, axis),
         PER_ROW=per_row, HAS_BIAS=bias_pool is not None,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), num_warps=_warps(block_m, block_o),
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=_warps(block_m, block_o),
     )
     return y
 
@@ -355,7 +357,7 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
                 *pool.stride(), *_layout(dxt, axis),
                 COMPUTE_DX=per_row and need_x,
                 BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_D=whole_block(D, 1),
-                PRECISION=precision, ACC=acc_dtype(x.dtype), num_warps=4,
+                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=4,
             )
         if need_q:
             # Rows are ordered (g, m); shared queries sum over their group's members.
@@ -382,7 +384,7 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
                 R, M, I, O, D, rows_per_split,
                 *_layout(x, axis), *_query_layout(query, axis), *_layout(dy, axis),
                 BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_O=block_o,
-                PRECISION=precision, ACC=acc_dtype(x.dtype), num_warps=4,
+                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=4,
             )
             # Fixed-order reduction of the split partials: deterministic.
             dp = (partial[0] if n_split == 1 else partial.sum(0)).to(pool.dtype)
