@@ -66,7 +66,9 @@ def unavailable_reason(provider: str, device: torch.device, what: str) -> Option
                     "tool, not a performance measurement")
         from .. import _backend
 
-        for op in ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update"):
+        needed = {"meta_linear_st": ("meta_linear",), "adaptive_propagate": ("adaptive_matmul",),
+                  "adaptive_propagate_st": ("adaptive_matmul",)}
+        for op in needed.get(what, ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update")):
             reason = _backend.unavailable_reason(op, provider, device)
             if reason:
                 return f"{op}: {reason}"
@@ -208,14 +210,13 @@ def _flex_propagate(x: torch.Tensor, embedding: torch.Tensor, flex) -> torch.Ten
     def relu_score(score, b, h, q_idx, kv_idx):
         return torch.relu(score)
 
-    if embedding.dim() == 2:  # static graph: the batch becomes extra value columns
-        B, N, C = x.shape
-        q = embedding[None, None]
-        v = x.permute(1, 0, 2).reshape(1, 1, N, B * C)
-        ax = flex(q, q, v, score_mod=relu_score, scale=1.0).reshape(N, B, C).permute(1, 0, 2)
+    if embedding.dim() == 2:
+        # Static graph: every sample shares E. Broadcasting it over the batch keeps the value
+        # head dim at C (folding the batch into B*C value columns exceeds FlexAttention's limits).
+        q = embedding.expand(x.shape[0], 1, *embedding.shape)
     else:
         q = embedding[:, None]
-        ax = flex(q, q, x[:, None], score_mod=relu_score, scale=1.0)[:, 0]
+    ax = flex(q, q, x[:, None], score_mod=relu_score, scale=1.0)[:, 0]
     return torch.cat([x, ax], dim=-1)
 
 
