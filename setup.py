@@ -21,6 +21,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 BUILD_ENV = "HIMNET_FAST_BUILD_CUDA"
@@ -130,6 +131,18 @@ class CMakeBuildExt(build_ext):
             shutil.move(str(produced[0]), str(target))
 
 
+class BuildPy(build_py):
+    """build_py that drops a CUDA module left in build/lib by an earlier build when this one
+    does not build it (a non-isolated build reuses build/lib, and would package it stale)."""
+
+    def run(self):
+        super().run()
+        if not _BUILD and not self.editable_mode:
+            for stale in Path(self.build_lib, "himnet_fast").glob("_cuda_ext.*"):
+                _log(f"removing {stale} from an earlier build")
+                stale.unlink()
+
+
 _BUILD, _WHY = _cuda_build_decision()
 _log(("building" if _BUILD else "skipping") + f" the CUDA extension: {_WHY}")
 
@@ -154,5 +167,5 @@ setup(
     },
     entry_points={"console_scripts": ["himnet-fast=himnet_fast.cli:main"]},
     ext_modules=[CMakeExtension("himnet_fast._cuda_ext")] if _BUILD else [],
-    cmdclass={"build_ext": CMakeBuildExt},
+    cmdclass={"build_ext": CMakeBuildExt, "build_py": BuildPy},
 )
