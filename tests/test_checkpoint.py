@@ -114,6 +114,7 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_loading_is_weights_only(tmp_path, data):
     evil = str(tmp_path / "evil.pt")
     with open(evil, "wb") as f:

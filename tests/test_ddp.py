@@ -67,6 +67,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(initial[k], v) for k, v in r0["params"].items())   # training moved them
+    strip = lambda h: [{k: v for k, v in e.items() if "seconds" not in k} for e in h]  # noqa: E731
+    assert strip(r0["history"]) == strip(r1["history"])
     for a, b in zip(r0["history"], single.history):
         assert a["val_mae"] == pytest.approx(b["val_mae"], rel=1e-5)      # every val window counted once
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)  # mean of shard means = batch mean
     assert r0["test"]["overall"]["MAE"] == pytest.approx(single.test_metrics["overall"]["MAE"], rel=1e-5)

@@ -276,6 +276,11 @@ class Trainer:
                     return self.summary()
             bar.close()
             train_loss = self.epoch_loss_sum / max(1, n_batches)
+            if self.world > 1:  # the mean over ranks, so every rank logs and stores the same history
+                import torch.distributed as dist
+                t = torch.tensor([train_loss], dtype=torch.float64, device=self.device)
+                dist.all_reduce(t)
+                train_loss = float(t) / self.world
             with warnings.catch_warnings():
                 # After resuming at an epoch boundary no optimizer.step() has run in this process
                 # yet, and torch warns about the (correct) order; the epoch's steps did happen.
