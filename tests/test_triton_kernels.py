@@ -1,0 +1,481 @@
+"""Kernel-level tests of the "triton" backend: every op, forward and backward, against the
+reference (float64 where exactness is checked).
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); block edges are then 16, so the small shapes here span several tiles in
+every tiled dimension and exercise masking and tile loops. What the interpreter cannot show
+(real ``tl.dot`` precision modes, TF32, compiled code paths, real sizes) is covered by
+tests/test_triton_gpu.py; ``test_kernels_compile_for_gpu`` (``-m slow``) compiles every
+kernel to sm_80/sm_90 cubins without a GPU.
+
+Criteria: fp32 and fp64 results match the reference within 1e-4 of the largest reference
+magnitude (fp32) resp. 1e-10 (fp64). bf16/fp16 errors against an exact reference are at most
+twice PyTorch's own error running the reference in that dtype (the flash-attention test rule).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import himnet_fast as hf
+from himnet_fast import _backend
+from himnet_fast.reference import RefHimNet, ref_meta_linear
+
+from conftest import DEVICE, HAS_CUDA, HAS_TRITON
+
+_REASON = (_backend.unavailable_reason("meta_linear", "triton", DEVICE) if HAS_TRITON
+           else "triton is not installed")
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
+
+if _REASON is None:
+    from himnet_fast.kernels import adaptive_propagate as k_am
+    from himnet_fast.kernels import gcru as k_gcru
+    from himnet_fast.kernels import meta_linear as k_ml
+    from himnet_fast.kernels import _utils as k_utils
+    from himnet_fast.ops import _triton_backend as tb
+
+LOWP = [torch.bfloat16, torch.float16]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_rel(got, want, tol, what=""):
+    """max |got - want| <= tol * max |want| (relative to the tensor's scale)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    scale = max(want.double().abs().max().item(), 1e-30) if want.numel() else 1.0
+    err = _err(got, want)
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * scale {scale:.3e}"
+
+
+def _assert_lowp(got, exact, own, what=""):
+    """Error of the kernel <= 2x PyTorch's own error in the same dtype (tiny floor for exact ties)."""
+    assert got.dtype == own.dtype, f"{what}: dtype {got.dtype} != {own.dtype}"
+    e_got, e_own = _err(got, exact), _err(own, exact)
+    floor = 1e-6 * max(exact.double().abs().max().item(), 1e-30)
+    assert e_got <= 2 * e_own + floor, f"{what}: kernel error {e_got:.3e} > 2 x torch's {e_own:.3e}"
+
+
+def _run(fn, inputs, g):
+    """fn(*inputs) and the gradients of <fn(*inputs), g> into every input that requires grad."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], g)
+    return out, grads
+
+
+def _leaf(t, dtype=None):
+    t = t if dtype is None else t.to(dtype)
+    return t.detach().clone().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------- meta_linear
+
+QSHAPE = {"T": lambda B, N, D: (B, D), "S": lambda B, N, D: (N, D), "ST": lambda B, N, D: (B, N, D)}
+
+
+def _ml_inputs(axis, B, N, I, O, D, bias=True, dtype=torch.float64):
+    x = torch.randn(B, N, I, dtype=dtype)
+    q = torch.randn(*QSHAPE[axis](B, N, D), dtype=dtype)
+    p = torch.randn(D, I, O, dtype=dtype) / (I * D) ** 0.5
+    pb = torch.randn(D, O, dtype=dtype) if bias else None
+    return x, q, p, pb
+
+
+def _ml_triton(axis):
+    return lambda x, q, p, pb: tb.triton_meta_linear(x, q, p, pb, axis)
+
+
+def _ml_ref(axis):
+    return lambda x, q, p, pb: ref_meta_linear(x, q, p, pb, axis)
+
+
+@pytest.mark.parametrize("axis,B,N,I,O,D,bias", [
+    # Several row, K and O tiles (interpreter blocks are 16). For "S" the rows of one query
+    # are the batch, so B spans the tiles there.
+    ("T", 2, 37, 21, 24, 3, True),
+    ("S", 19, 3, 21, 24, 3, True),
+    ("ST", 2, 37, 21, 24, 5, True),
+    # Size-1 batch and nodes, D < 16, no bias.
+    ("T", 1, 1, 3, 17, 2, False),
+    ("S", 1, 1, 3, 17, 2, False),
+    ("ST", 1, 1, 3, 17, 2, False),
+    # I = K*C as in HimNet (134 = 2 * 67), D = 10: the decoder's hot path.
+    ("ST", 2, 3, 134, 20, 10, True),
+])
+def test_meta_linear_matches_reference_fp32(axis, B, N, I, O, D, bias):
+    x, q, p, pb = _ml_inputs(axis, B, N, I, O, D, bias)
+    leaves64 = [_leaf(t) if t is not None else None for t in (x, q, p, pb)]
+    leaves32 = [_leaf(t, torch.float32) if t is not None else None for t in (x, q, p, pb)]
+    want, gwant = _run(_ml_ref(axis), leaves64, g := torch.randn(B, N, O, dtype=torch.float64))
+    got, ggot = _run(_ml_triton(axis), leaves32, g.float())
+    _assert_rel(got, want.float(), 1e-4, "y")
+    for name, a, b in zip(("dx", "dq", "dP", "dPb"), ggot, gwant):
+        _assert_rel(a, b.float(), 1e-4, name)
+
+
+@pytest.mark.parametrize("axis", ["T", "S", "ST"])
+def test_meta_linear_fp64_exact(axis):
+    x, q, p, pb = _ml_inputs(axis, 2, 9, 18, 17, 2)
+    g = torch.randn(2, 9, 17, dtype=torch.float64)
+    want, gwant = _run(_ml_ref(axis), [_leaf(t) for t in (x, q, p, pb)], g)
+    got, ggot = _run(_ml_triton(axis), [_leaf(t) for t in (x, q, p, pb)], g)
+    _assert_rel(got, want, 1e-10, "y")
+    for name, a, b in zip(("dx", "dq", "dP", "dPb"), ggot, gwant):
+        _assert_rel(a, b, 1e-10, name)
+
+
+@pytest.mark.parametrize("axis", ["T", "S", "ST"])
+@pytest.mark.parametrize("dtype", LOWP)
+def test_meta_linear_low_precision(axis, dtype):
+    B, N, I, O, D = 2, 9, 20, 18, 3
+    x, q, p, pb = _ml_inputs(axis, B, N, I, O, D, dtype=torch.float32)
+    # Exact reference on the rounded inputs: the error measured is the computation's own.
+    rounded = [t.to(dtype) for t in (x, q, p, pb)]
+    g = torch.randn(B, N, O).to(dtype)
+    exact, gexact = _run(_ml_ref(axis), [_leaf(t, torch.float64) for t in rounded], g.double())
+    own, gown = _run(_ml_ref(axis), [_leaf(t) for t in rounded], g)
+    got, ggot = _run(_ml_triton(axis), [_leaf(t) for t in rounded], g)
+    _assert_lowp(got, exact, own, "y")
+    for name, a, b, c in zip(("dx", "dq", "dP", "dPb"), ggot, gexact, gown):
+        _assert_lowp(a, b, c, name)
+
+
+@pytest.mark.parametrize("axis", ["T", "S", "ST"])
+def test_meta_linear_non_contiguous(axis):
+    B, N, I, O, D = 3, 7, 18, 20, 2
+    x, q, p, pb = _ml_inputs(axis, B, N, I, O, D, dtype=torch.float32)
+    # Same values, strided storage: x node-major, q column-major, the pool O-major, Pb transposed.
+    xs = x.transpose(0, 1).contiguous().transpose(0, 1)
+    qs = q.t().contiguous().t() if q.dim() == 2 else q.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    ps = p.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    pbs = pb.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (xs, qs, ps, pbs))
+    g = torch.randn(B, N, O)
+    want, gwant = _run(_ml_triton(axis), [_leaf(t) for t in (x, q, p, pb)], g)
+    leaves = [t.detach().requires_grad_(True) for t in (xs, qs, ps, pbs)]
+    got, ggot = _run(_ml_triton(axis), leaves, g)
+    _assert_rel(got, want, 1e-6, "y")
+    for name, a, b in zip(("dx", "dq", "dP", "dPb"), ggot, gwant):
+        _assert_rel(a, b, 1e-6, name)
+
+
+def test_meta_linear_dp_split_and_determinism():
+    """dP's split-K partials are reduced in a fixed order: any split agrees, and one split
+    gives bitwise the same gradients every run, under deterministic-algorithms mode too."""
+    x, q, p, pb = _ml_inputs("ST", 2, 23, 18, 17, 2, dtype=torch.float32)
+    dy = torch.randn(2, 23, 17)
+    one = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", needs=(False, False, True, False), split=1)[2]
+    three = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", needs=(False, False, True, False), split=3)[2]
+    _assert_rel(three, one, 1e-6, "dP split 3 vs 1")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", split=3)
+        again = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", split=3)
+        y1 = tb.triton_meta_linear(x, q, p, pb, "ST")
+        y2 = tb.triton_meta_linear(x, q, p, pb, "ST")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(first[2], three)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("axis", ["T", "S", "ST"])
+def test_meta_linear_zero_size(axis):
+    # Empty batch: empty output, zero pool gradients.
+    x, q, p, pb = _ml_inputs(axis, 0, 4, 5, 6, 2, dtype=torch.float32)
+    if axis == "S":
+        q = torch.randn(4, 2)
+    leaves = [_leaf(t) for t in (x, q, p, pb)]
+    y = tb.triton_meta_linear(*leaves, axis)
+    assert y.shape == (0, 4, 6)
+    y.sum().backward()
+    assert torch.count_nonzero(leaves[2].grad) == 0 and torch.count_nonzero(leaves[3].grad) == 0
+    # No input columns: y is the bias alone.
+    x, q, p, pb = _ml_inputs(axis, 2, 4, 0, 6, 2, dtype=torch.float32)
+    _assert_rel(tb.triton_meta_linear(x, q, p, pb, axis), ref_meta_linear(x, q, p, pb, axis), 1e-6, "bias only")
+
+
+# --------------------------------------------------------------------------- adaptive_matmul
+
+def _am_ref(e, v):
+    return torch.softmax(torch.relu(e @ e.transpose(1, 2)), dim=-1) @ v
+
+
+@pytest.mark.parametrize("G,N,D,W", [
+    (1, 37, 10, 40),   # static graph, batch folded into W: several W tiles
+    (3, 37, 2, 5),     # per-sample graph, D = 2 padded to 16
+    (2, 1, 16, 3),     # one node
+    (1, 20, 14, 33),
+])
+def test_adaptive_matmul_matches_reference_fp32(G, N, D, W):
+    e, v = torch.randn(G, N, D, dtype=torch.float64), torch.randn(G, N, W, dtype=torch.float64)
+    g = torch.randn(G, N, W, dtype=torch.float64)
+    want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    _assert_rel(got, want.float(), 1e-4, "out")
+    for name, a, b in zip(("dE", "dV"), ggot, gwant):
+        _assert_rel(a, b.float(), 1e-4, name)
+
+
+def test_adaptive_matmul_fp64_exact():
+    e, v = torch.randn(2, 23, 6, dtype=torch.float64), torch.randn(2, 23, 9, dtype=torch.float64)
+    g = torch.randn(2, 23, 9, dtype=torch.float64)
+    want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    _assert_rel(got, want, 1e-10, "out")
+    for name, a, b in zip(("dE", "dV"), ggot, gwant):
+        _assert_rel(a, b, 1e-10, name)
+
+
+def test_adaptive_matmul_non_positive_rows():
+    """A row whose scores are all <= 0 is uniform (softmax of zeros) and passes no gradient
+    to E (relu'(s <= 0) = 0), exactly as the reference."""
+    G, N, D, W = 2, 21, 3, 7
+    e = torch.randn(G, N, D, dtype=torch.float64)
+    e[0, 4] = 0.0             # all scores of row 4 are exactly 0
+    e[1] = 0.0                # a whole graph without a positive score
+    e[0, 7] = -e[0, 3]        # row 7 has some negative scores, not all
+    v = torch.randn(G, N, W, dtype=torch.float64)
+    g = torch.randn(G, N, W, dtype=torch.float64)
+    want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    _assert_rel(got, want.float(), 1e-4, "out")
+    torch.testing.assert_close(got[0, 4], v[0].float().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], v[1].float().mean(0).expand(N, W), rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("dE", "dV"), ggot, gwant):
+        _assert_rel(a, b.float(), 1e-4, name)
+    assert torch.count_nonzero(ggot[0][1]) == 0 and torch.count_nonzero(ggot[0][0, 4]) == 0
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("G,N,D,W", [(1, 37, 10, 24), (2, 19, 16, 5)])
+def test_adaptive_matmul_low_precision(dtype, G, N, D, W):
+    e = (torch.randn(G, N, D) * 0.5).to(dtype)
+    v = torch.randn(G, N, W).to(dtype)
+    g = torch.randn(G, N, W).to(dtype)
+    exact, gexact = _run(_am_ref, [_leaf(e, torch.float64), _leaf(v, torch.float64)], g.double())
+    own, gown = _run(_am_ref, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    _assert_lowp(got, exact, own, "out")
+    for name, a, b, c in zip(("dE", "dV"), ggot, gexact, gown):
+        _assert_lowp(a, b, c, name)
+
+
+def test_adaptive_matmul_saves_only_e_v_out_lse():
+    G, N, D, W = 2, 37, 5, 6
+    e, v = _leaf(torch.randn(G, N, D)), _leaf(torch.randn(G, N, W))
+    out = tb.triton_adaptive_matmul(e, v)
+    saved = out.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(G, N, D), (G, N, W), (G, N, W), (G, N)]
+    lse = saved[3]
+    assert lse.dtype == torch.float32
+    ref_lse = torch.logsumexp(torch.relu(e @ e.transpose(1, 2)).double(), dim=-1)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_adaptive_matmul_non_contiguous_and_deterministic():
+    G, N, D, W = 2, 29, 6, 20
+    e, v, g = torch.randn(G, N, D), torch.randn(G, N, W), torch.randn(G, N, W)
+    want, gwant = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    es = e.transpose(1, 2).contiguous().transpose(1, 2)
+    vs = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not es.is_contiguous() and not vs.is_contiguous()
+    got, ggot = _run(tb.triton_adaptive_matmul, [es.requires_grad_(True), vs.requires_grad_(True)], g)
+    assert torch.equal(got, want)  # same tiles, same order: bitwise equal
+    for a, b in zip(ggot, gwant):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- GCRU tail
+
+def _gate_ref(pre, h):
+    H = h.shape[-1]
+    zr = torch.sigmoid(pre)
+    return zr[..., :H] * h, zr[..., H:]
+
+
+def _update_ref(pre_c, r, h):
+    return r * h + (1 - r) * torch.tanh(pre_c)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 5), (3, 1, 1, 16), (0, 4, 3)])
+def test_gcru_fp32(shape):
+    *lead, H = shape
+    pre_big = torch.randn(*lead, 3 * H, dtype=torch.float64) * 3
+    pre = pre_big[..., H:]   # non-contiguous (..., 2H) slice
+    h, r = torch.randn(*shape, dtype=torch.float64), torch.rand(*shape, dtype=torch.float64)
+    gz, gr = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    leaves64 = [pre.clone().requires_grad_(True), _leaf(h)]
+    leaves32 = [pre_big.float()[..., H:].requires_grad_(True), _leaf(h, torch.float32)]
+    assert not leaves32[0].is_contiguous() or pre.numel() == 0
+    want, gwant = _run(_gate_ref, leaves64, (gz, gr))
+    got, ggot = _run(tb.triton_gcru_gate, leaves32, (gz.float(), gr.float()))
+    for name, a, b in zip(("zh", "r", "dpre", "dh"), list(got) + list(ggot), list(want) + list(gwant)):
+        _assert_rel(a, b.detach().float(), 1e-5, name)
+
+    c = torch.randn(*shape, dtype=torch.float64) * 3
+    leaves64 = [_leaf(t) for t in (c, r, h)]
+    leaves32 = [_leaf(t, torch.float32) for t in (c, r, h)]
+    want, gwant = _run(_update_ref, leaves64, gz)
+    got, ggot = _run(tb.triton_gcru_update, leaves32, gz.float())
+    _assert_rel(got, want.float(), 1e-5, "update out")
+    for a, b in zip(ggot, gwant):
+        _assert_rel(a, b.float(), 1e-5, "update grad")
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gcru_low_precision_and_extremes(dtype):
+    B, N, H = 2, 13, 8
+    pre = torch.cat([torch.randn(B, N, 2 * H) * 4, torch.full((B, 1, 2 * H), 80.0),
+                     torch.full((B, 1, 2 * H), -80.0)], dim=1).to(dtype)  # saturating rows
+    h = torch.randn(B, N + 2, H).to(dtype)
+    r = torch.rand(B, N + 2, H).to(dtype)
+    g = torch.randn(B, N + 2, H).to(dtype)
+    exact, gexact = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre, torch.float64), _leaf(h, torch.float64)],
+                         g.double())
+    own, gown = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre), _leaf(h)], g)
+    got, ggot = _run(lambda a, b: tb.triton_gcru_gate(a, b)[0], [_leaf(pre), _leaf(h)], g)
+    _assert_lowp(got, exact, own, "zh")
+    for a, b, c in zip(ggot, gexact, gown):
+        assert torch.isfinite(a).all()
+        _assert_lowp(a, b, c, "gate grad")
+    exact, gexact = _run(_update_ref, [_leaf(t, torch.float64) for t in (pre[..., :H], r, h)], g.double())
+    own, gown = _run(_update_ref, [_leaf(t) for t in (pre[..., :H], r, h)], g)
+    got, ggot = _run(tb.triton_gcru_update, [_leaf(t) for t in (pre[..., :H], r, h)], g)
+    _assert_lowp(got, exact, own, "h'")
+    for a, b, c in zip(ggot, gexact, gown):
+        assert torch.isfinite(a).all()
+        _assert_lowp(a, b, c, "update grad")
+
+
+# --------------------------------------------------------------------------- backend plumbing
+
+def test_check_reasons(monkeypatch):
+    assert tb._check(torch.device("meta")) is not None and "not supported" in tb._check(torch.device("meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = tb._check(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    if not HAS_CUDA:
+        assert "CUDA" in tb._check(torch.device("cuda"))
+    assert "triton" in hf.available_backends(torch.device("cuda")) or not HAS_CUDA
+
+
+def test_dot_precision_follows_torch_tf32_flag(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert k_utils.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert k_utils.dot_precision(torch.float32) == "tf32"
+    assert k_utils.dot_precision(torch.bfloat16) == "ieee"
+
+
+def test_public_ops_route_to_triton_under_autocast():
+    x, q, p, pb = _ml_inputs("ST", 2, 9, 12, 16, 3, dtype=torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = hf.ops.meta_linear(x, q, p, pb, "ST", backend="triton")
+    assert y.dtype == torch.bfloat16
+    exact = ref_meta_linear(*(t.double() for t in (x, q, p, pb)), "ST")
+    own = ref_meta_linear(*(t.to(torch.bfloat16) for t in (x, q, p, pb)), "ST")
+    _assert_lowp(y, exact, own, "autocast y")
+    e = torch.randn(9, 4)
+    xs = torch.randn(2, 9, 3)
+    got = hf.ops.adaptive_propagate(xs, e, 3, backend="triton", dense=False)
+    want = hf.ops.adaptive_propagate(xs, e, 3, backend="torch", dense=True)
+    _assert_rel(got, want, 1e-5, "adaptive_propagate")
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_himnet_triton_matches_reference_end_to_end():
+    torch.manual_seed(1)
+    # Small on purpose (the interpreter runs every kernel of 2 encoders + decoder, fwd + bwd);
+    # real sizes are in tests/test_triton_gpu.py. cheb_k=3 exercises the Chebyshev recursion.
+    N, B, T = 9, 2, 2
+    kw = dict(num_nodes=N, input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=3,
+              ycov_dim=2, tod_embedding_dim=4, dow_embedding_dim=4, node_embedding_dim=5, st_embedding_dim=6)
+    ref = RefHimNet(**kw).eval()
+    model = hf.HimNet(**kw, backend="triton", dense_graph=False).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(B, T, N, 3)
+    x[..., 1] = torch.rand(B, T, N) * 0.99
+    x[..., 2] = torch.randint(0, 7, (B, T, N)).float()
+    y_cov = torch.rand(B, 2, N, 2)
+    g = torch.randn(B, 2, N, 1)
+    y = model(x, y_cov)
+    y_ref = ref(x, y_cov)
+    _assert_rel(y, y_ref, 1e-4, "HimNet output")
+    grads = torch.autograd.grad(y, list(model.parameters()), g)
+    grads_ref = torch.autograd.grad(y_ref, list(ref.parameters()), g)
+    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
+        _assert_rel(a, b, 1e-4, name)
+
+
+# --------------------------------------------------------------------------- GPU compilation
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from himnet_fast.kernels import adaptive_propagate as ap, gcru as gc, meta_linear as ml
+
+    def build(fn, ptrs, const, arch, warps=4):
+        sig = {n: "constexpr" if n in const else (ptrs.get(n, ptrs["*"]) if n.endswith("_ptr") else "i32")
+               for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+    n = 0
+    for arch, p, dt, prec in ((90, "*fp32", tl.float32, "ieee"), (80, "*fp32", tl.float32, "tf32"),
+                              (90, "*bf16", tl.bfloat16, "ieee")):
+        base = dict(PRECISION=prec, ACC=tl.float32, DOT=dt, RNE=False)
+        for per_row in (True, False):
+            build(ml._meta_linear_fwd_kernel, {"*": p}, dict(base, PER_ROW=per_row, HAS_BIAS=True, BLOCK_M=64,
+                  BLOCK_K=32, BLOCK_O=128), arch, 8)
+        build(ml._meta_linear_bwd_kernel, {"*": p, "dq_ptr": "*fp32"}, dict(base, COMPUTE_DX=True, BLOCK_M=32,
+              BLOCK_I=64, BLOCK_O=64, BLOCK_D=16), arch)
+        build(ml._meta_linear_bwd_dp_kernel, {"*": p, "dp_ptr": "*fp32"}, dict(base, BLOCK_R=64, BLOCK_I=64,
+              BLOCK_O=64), arch)
+        build(ap._adaptive_matmul_fwd_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
+              BLOCK_D=16, BLOCK_W=128), arch, 8)
+        build(ap._adaptive_matmul_bwd_delta_kernel, {"*": p, "delta_ptr": "*fp32"}, dict(ACC=tl.float32,
+              BLOCK_M=64, BLOCK_W=128), arch)
+        build(ap._adaptive_matmul_bwd_dv_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
+              BLOCK_D=16, BLOCK_W=64), arch)
+        for key_side in (False, True):
+            build(ap._adaptive_matmul_bwd_de_kernel, {"*": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                  "de_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=64, BLOCK_D=16,
+                  BLOCK_W=64), arch)
+        for fn in (gc._gcru_gate_fwd_kernel, gc._gcru_gate_bwd_kernel, gc._gcru_update_fwd_kernel,
+                   gc._gcru_update_bwd_kernel):
+            build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False), arch, 8)
+        n += 13
+    print("compiled", n)
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu(request):
+    """Every kernel compiles to a cubin for sm_80 / sm_90 (fp32 exact and TF32, bf16) with
+    the GPU block sizes, without a GPU. Catches what the interpreter does not check: dot
+    shape/dtype rules, constexpr branches, layouts. Minutes: run with ``-m slow``."""
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("compiles ~40 kernels (minutes); run with -m slow")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "compiled 39" in res.stdout
