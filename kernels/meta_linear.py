@@ -242,7 +242,7 @@ def _groups(x: torch.Tensor, axis: str) -> Tuple[int, int]:
 
 
 def _warps(block_a: int, block_b: int) -> int:
-    return 8 if block_a * block_b >= 128 * 128 else 4
+    return 8 if block_a * block_b >= 64 * 128 else 4
 
 
 def meta_linear_forward(x: torch.Tensor, query: torch.Tensor, pool: torch.Tensor,
