@@ -159,3 +159,15 @@ def test_captured_under_autocast_bf16():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         eager = model(x, y_cov)
     torch.testing.assert_close(cap(x, y_cov).float(), eager.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_two_batch_sizes_share_a_pool():
+    model = _model().cuda().eval()
+    pool = torch.cuda.graph_pool_handle()
+    caps = {B: model.capture(B, pool=pool) for B in (1, 3)}
+    for B, cap in caps.items():
+        x, y_cov = _inputs(B, "cuda", 10 + B)
+        with torch.no_grad():
+            eager = model(x, y_cov)
+        torch.testing.assert_close(cap(x, y_cov), eager, atol=1e-5, rtol=1e-5)
