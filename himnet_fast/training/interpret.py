@@ -136,9 +136,11 @@ def export_meta_parameters(model, out_dir: str, *, node_values: Optional[np.ndar
 
     sp = arrays["spatial_pca"]
     fig, ax = plt.subplots(figsize=(6, 5))
-    sc = ax.scatter(sp[:, 0], sp[:, 1], c=node_values if node_values is not None else None, cmap="viridis", s=14)
     if node_values is not None:
+        sc = ax.scatter(sp[:, 0], sp[:, 1], c=node_values, cmap="viridis", s=14)
         fig.colorbar(sc, ax=ax, label="mean signal of the node")
+    else:
+        ax.scatter(sp[:, 0], sp[:, 1], s=14)
     ax.set_title("Spatial meta-parameter queries: node embeddings (PCA)")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
@@ -151,12 +153,13 @@ def export_meta_parameters(model, out_dir: str, *, node_values: Optional[np.ndar
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, day in zip(axes, (0, 6)):
         im = ax.imshow(sim[day], cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
-        ax.set_title(f"{DAYS[day]}: cosine similarity of generated parameters")
+        ax.set_title(DAYS[day])
         ax.set_xlabel("hour")
         ax.set_ylabel("hour")
         ax.set_xticks(range(0, 24, 3))
         ax.set_yticks(range(0, 24, 3))
-    fig.colorbar(im, ax=axes, shrink=0.85)
+    fig.colorbar(im, ax=axes, shrink=0.85, label="cosine similarity")
+    fig.suptitle("Temporal encoder: parameters generated at each hour, hour against hour")
     paths["hourly_similarity"] = os.path.join(out_dir, "hourly_similarity.png")
     fig.savefig(paths["hourly_similarity"], dpi=100)
     plt.close(fig)
