@@ -164,7 +164,7 @@ setup(
         "bench": ["pandas", "matplotlib", "pytest-benchmark"],
         "train": ["matplotlib", "tqdm"],
         # pybind11: tests/test_cuda_ext.py builds the CUDA extension with CMake (skips without it).
-        "test": ["pytest", "pytest-benchmark", "pandas", "matplotlib", "tqdm", "pybind11>=2.10"],
+        "test": ["pytest", "pytest-benchmark", "pandas", "matplotlib", "tqdm", "pybind11>=2.10", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["himnet-fast=himnet_fast.cli:main"]},
     ext_modules=[CMakeExtension("himnet_fast._cuda_ext")] if _BUILD else [],

@@ -32,6 +32,9 @@ def _info(args) -> int:
         print(f"device: {torch.cuda.get_device_name()}")
     else:
         print("device: cpu (no CUDA device)")
+    from himnet_fast._cuda_ext_loader import info as cuda_ext_info
+
+    print(f"CUDA extension: {cuda_ext_info()}")
     for name, state in backend_report().items():
         print(f"  backend {name:7s} {state}")
     return 0

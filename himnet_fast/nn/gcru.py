@@ -1,6 +1,7 @@
 """HimGCRU and the encoder/decoder stacks (drop-ins for the originals)."""
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -12,11 +13,13 @@ from ..ops.gcru import gcru_gate, gcru_update
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
 
+@functools.lru_cache(maxsize=64)
 def _split_rows(cheb_k: int, c: int, h: int, device) -> tuple:
     """Rows of a k-major ``cat(x, h)`` graph-conv weight that multiply x and h respectively.
 
     The propagated input is ``cat_k(T_k cat(x, h)) = cat_k(cat(T_k x, T_k h))``: row
-    ``k*(c+h) + j`` multiplies ``T_k x`` for ``j < c`` and ``T_k h`` otherwise.
+    ``k*(c+h) + j`` multiplies ``T_k x`` for ``j < c`` and ``T_k h`` otherwise. Cached: building
+    them on a GPU is a host-to-device copy that would synchronise every encoder call.
     """
     ix = [k * (c + h) + j for k in range(cheb_k) for j in range(c)]
     ih = [k * (c + h) + c + j for k in range(cheb_k) for j in range(h)]
