@@ -21,6 +21,13 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "" if f is None else format(f, spec)
 
 
+def _ms(v) -> str:
+    f = _num(v)
+    if f is None:
+        return ""
+    return f"{f:,.0f}" if f >= 1000 else format(f, ".4g")
+
+
 def add_ratios(df):
     """Add ``speedup`` (reference p50 / p50) and ``mem_ratio`` (reference peak / peak: how
     many times less memory) per (kernel, mode, x, batch_size); blank where the reference has
@@ -60,8 +67,8 @@ def summary_table(df):
     out = pd.DataFrame({
         "kernel": d.kernel, "mode": d["mode"], "N": d.x, "B": d.batch_size, "provider": d.provider,
         "status": d.status,
-        "p50 ms": d.p50.map(lambda v: _fmt(v, ".4g")),
-        "p20-p80 ms": [f"{_fmt(a, '.4g')}-{_fmt(b, '.4g')}" if _num(a) is not None else ""
+        "p50 ms": d.p50.map(_ms),
+        "p20-p80 ms": [f"{_ms(a)} - {_ms(b)}" if _num(a) is not None else ""
                        for a, b in zip(d.p20, d.p80)],
         "peak MiB (+)": d.peak_mem_mb.map(lambda v: _fmt(v, ".0f")),
         "peak MiB (abs)": d.peak_mem_abs_mb.map(lambda v: _fmt(v, ".0f")),
@@ -79,11 +86,12 @@ def summary_table(df):
     return out.reset_index(drop=True)
 
 
-def write_markdown(df, path: str, cfg=None) -> str:
+def write_markdown(df, path: str, cfg=None, command: str = "") -> str:
     first = df.iloc[0] if len(df) else None
-    lines = [f"# himnet-fast {getattr(cfg, 'kind', 'bench')} results", ""]
-    if cfg is not None and cfg.command:
-        lines += [f"Command: `{cfg.command}`", ""]
+    command = command or getattr(cfg, "command", "")
+    lines = [f"# himnet-fast {getattr(cfg, 'kind', 'benchmark')} results", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
     if first is not None:
         lines += [f"Device: {first['device']}; torch {first['torch']}, triton {first['triton'] or '-'}, "
                   f"CUDA {first['cuda'] or '-'}; commit {first['git_commit'] or '-'}; {first['timestamp']}.", ""]
@@ -139,3 +147,13 @@ def write_plots(df, out_dir: str, stem: str) -> List[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def rerender(csv_path: str, command: str = "") -> List[str]:
+    """Rewrite the markdown table and the plots of a results CSV (e.g. after merging runs)."""
+    import pandas as pd
+
+    df = pd.read_csv(csv_path, keep_default_na=True)
+    stem = os.path.splitext(os.path.basename(csv_path))[0]
+    out = os.path.dirname(csv_path) or "."
+    return [write_markdown(df, os.path.join(out, stem + ".md"), command=command)] + write_plots(df, out, stem)
