@@ -181,10 +181,6 @@ def test_masked_mae_preset_and_amp_loop(data):
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())   # autocast, not a cast
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="nn/gcn.py GeneratedLinear.matmul calls the 'ST' meta_linear impl directly with bf16 "
-                          "activations and the fp32 pool under autocast (dtype mismatch in torch.mm); "
-                          "remove this marker when it is fixed")
 def test_amp_bf16_on_himnet(data):
     cfg = small_config(amp=True, limit_batches=1)
     tr = Trainer(data, cfg, progress=False, log=lambda m: None)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_tensor
-from ..ops._common import needs_grad
+from ..ops._common import cast, compute_dtype, needs_grad, no_autocast
 from ..ops.adaptive_propagate import AdaptiveGraph
 from ..ops.meta_linear import apply_generated, generate_weights, materialize_node_weights
 
@@ -80,7 +80,10 @@ class GeneratedLinear:
             q3 = q if self.axis == "S" else q.reshape(-1, q.shape[-2], q.shape[-1])
             _, impl = _backend.resolve("meta_linear", self.backend, x.device,
                                        needs_grad(x3, q3, self.weight))
-            y = impl.fn(x3, q3, self.weight, None, self.axis)
+            # Backends take one dtype: under autocast the fp32 pool meets bf16/fp16 activations.
+            dt = compute_dtype(x.device, x3, q3, self.weight)
+            with no_autocast(x.device):
+                y = impl.fn(cast(x3, dt), cast(q3, dt), cast(self.weight, dt), None, self.axis)
         return y.reshape(*lead, y.shape[-1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
