@@ -36,10 +36,10 @@ PAPER_PRESETS: Dict[str, dict] = {
 COMMON = dict(lr=1e-3, eps=1e-3, gamma=0.1, batch_size=16, max_epochs=200, patience=20, clip_grad=5.0)
 
 # The bundled 1,282-step real PEMS08 sample: PEMS08's embeddings and loss, but a model and a
-# schedule sized for a few CPU minutes. 47 batches per epoch: with the paper's tf_decay_steps
+# schedule sized for a few CPU minutes. 48 batches per epoch: with the paper's tf_decay_steps
 # (6000) teacher forcing would stay on for the whole run and the model would never see its own
-# predictions; 100 lets it decay to ~50% after ~460 batches (about 10 epochs).
-SAMPLE_PRESET = dict(PAPER_PRESETS["PEMS08"], hidden_dim=32, tf_decay_steps=100, milestones=[20, 30],
+# predictions; with 40 the probability is 50% after ~150 batches (epoch 3) and ~0 by epoch 6.
+SAMPLE_PRESET = dict(PAPER_PRESETS["PEMS08"], hidden_dim=32, tf_decay_steps=40, milestones=[20, 30],
                      max_epochs=8)
 
 
