@@ -15,7 +15,7 @@ from ..ops.meta_linear import apply_generated, generate_weights, materialize_nod
 Support = Union[torch.Tensor, AdaptiveGraph]
 
 
-def as_graph(support: Support, backend: Optional[str] = None) -> AdaptiveGraph:
+def as_graph(support: Support) -> AdaptiveGraph:
     """Accept the original's dense support (N, N) / (B, N, N) or an :class:`AdaptiveGraph`."""
     if isinstance(support, AdaptiveGraph):
         return support
@@ -137,7 +137,7 @@ class HimGCN(nn.Module):
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"x has {x.shape[-1]} channels (shape {tuple(x.shape)}), "
                              f"expected input_dim={self.input_dim}")
-        graph = as_graph(support, self.backend)
+        graph = as_graph(support)
         xg = graph.propagate(x, self.cheb_k)
         if linear is None:
             linear = self.generate(embeddings)

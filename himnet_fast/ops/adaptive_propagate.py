@@ -37,10 +37,7 @@ def _softmax_relu_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
 
 
 def _check_embedding(embedding) -> torch.Tensor:
-    check_tensor("embedding", embedding, (2, 3))
-    if embedding.shape[-2] == 0:
-        return embedding
-    return embedding
+    return check_tensor("embedding", embedding, (2, 3))
 
 
 def adaptive_graph(embedding: torch.Tensor) -> torch.Tensor:
