@@ -44,15 +44,34 @@ def whole_block(n: int, floor: int = MIN_DOT) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
 
 
+def tf32_enabled() -> bool:
+    """Whether PyTorch currently allows TF32 for fp32 CUDA matmuls.
+
+    PyTorch has two APIs for the same switch. The current one,
+    ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none" to inherit
+    ``torch.backends.fp32_precision``), exists from 2.9 on; once it has been set, reading the
+    legacy ``allow_tf32`` raises a RuntimeError, so it must be read first. Setting the legacy
+    flag (or ``torch.set_float32_matmul_precision``) updates the new one, so reading the new one
+    honours both. Older PyTorch has only ``allow_tf32``.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on ``dtype`` operands.
 
-    fp32 follows PyTorch's flag: TF32 tensor cores only when
-    ``torch.backends.cuda.matmul.allow_tf32`` is True, exact ("ieee") otherwise, so fp32
-    results match the reference to 1e-4 with TF32 off. For 16-bit and fp64 operands Triton
-    ignores the setting; "ieee" is accepted everywhere.
+    fp32 follows PyTorch's flag (:func:`tf32_enabled`): TF32 tensor cores only when PyTorch
+    allows them for fp32 matmuls, exact ("ieee") otherwise, so fp32 results match the
+    reference to 1e-4 with TF32 off. For 16-bit and fp64 operands Triton ignores the setting;
+    "ieee" is accepted everywhere.
     """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_enabled():
         return "tf32"
     return "ieee"
 

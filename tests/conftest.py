@@ -4,6 +4,7 @@ Without a CUDA device, Triton kernels run in the interpreter on CPU tensors; TRI
 must be set before Triton is imported, so it is set here, first. GPU tests are marked ``gpu``
 and skip cleanly on a machine without one.
 """
+import contextlib
 import os
 
 import torch
@@ -49,3 +50,27 @@ def parity_backends():
         if _backend.unavailable_reason("meta_linear", "triton", DEVICE) is None:
             out.append("triton")
     return out
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """Set PyTorch's fp32-matmul TF32 switch for the block and restore it after.
+
+    Uses the current API (``torch.backends.cuda.matmul.fp32_precision``) where PyTorch has it:
+    after that API has been used, touching the legacy ``allow_tf32`` raises, so a test that
+    set the legacy flag would break every later test."""
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is not None:
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old

@@ -15,7 +15,7 @@ import torch
 import himnet_fast as hf
 from himnet_fast.reference import RefHimNet, ref_meta_linear
 
-from conftest import HAS_CUDA, HAS_TRITON
+from conftest import HAS_CUDA, HAS_TRITON, tf32_matmul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton,
               pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and triton")]
@@ -26,10 +26,8 @@ CUDA = torch.device("cuda")
 @pytest.fixture(autouse=True)
 def _tf32_off():
     """fp32 parity is defined with TF32 off (PyTorch's default for matmul); restore after."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    with tf32_matmul(False):
+        yield
 
 
 def _tb():
@@ -111,8 +109,8 @@ def test_meta_linear_tf32_follows_torch_flag():
     x, q, p, pb = _ml_inputs("ST", 16, 883, 134, 128, 16, torch.float32)
     exact = ref_meta_linear(*(t.double() for t in (x, q, p, pb)), "ST")
     ieee = _tb().triton_meta_linear(x, q, p, pb, "ST")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    tf32 = _tb().triton_meta_linear(x, q, p, pb, "ST")
+    with tf32_matmul(True):
+        tf32 = _tb().triton_meta_linear(x, q, p, pb, "ST")
     scale = exact.abs().max().item()
     assert _err(ieee, exact) <= 1e-5 * scale
     assert _err(tf32, exact) <= 1e-2 * scale

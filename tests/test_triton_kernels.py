@@ -26,7 +26,7 @@ import himnet_fast as hf
 from himnet_fast import _backend
 from himnet_fast.reference import RefHimNet, ref_meta_linear
 
-from conftest import DEVICE, HAS_CUDA, HAS_TRITON
+from conftest import DEVICE, HAS_CUDA, HAS_TRITON, tf32_matmul
 
 _REASON = (_backend.unavailable_reason("meta_linear", "triton", DEVICE) if HAS_TRITON
            else "triton is not installed")
@@ -372,12 +372,42 @@ def test_check_reasons(monkeypatch):
     assert "triton" in hf.available_backends(torch.device("cuda")) or not HAS_CUDA
 
 
-def test_dot_precision_follows_torch_tf32_flag(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert k_utils.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert k_utils.dot_precision(torch.float32) == "tf32"
-    assert k_utils.dot_precision(torch.bfloat16) == "ieee"
+def test_dot_precision_follows_torch_tf32_flag():
+    with tf32_matmul(False):
+        assert k_utils.dot_precision(torch.float32) == "ieee"
+    with tf32_matmul(True):
+        assert k_utils.dot_precision(torch.float32) == "tf32"
+        assert k_utils.dot_precision(torch.bfloat16) == "ieee"
+    assert not k_utils.tf32_enabled(), "the switch was not restored"
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="this PyTorch has only the legacy allow_tf32 flag")
+def test_dot_precision_honours_both_tf32_apis():
+    """The current API (fp32_precision, after which reading allow_tf32 raises), the global
+    default it inherits with "none", and the legacy flag and set_float32_matmul_precision,
+    which PyTorch mirrors into the current one."""
+    matmul = torch.backends.cuda.matmul
+    old_matmul, old_global = matmul.fp32_precision, torch.backends.fp32_precision
+    old_api = torch.get_float32_matmul_precision()
+    try:
+        matmul.fp32_precision = "tf32"
+        assert k_utils.dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert k_utils.dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        assert k_utils.dot_precision(torch.float32) == "tf32"
+        torch.backends.fp32_precision = "none"
+        assert k_utils.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert k_utils.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert k_utils.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old_api)
+        torch.backends.fp32_precision = old_global
+        matmul.fp32_precision = old_matmul
 
 
 def test_public_ops_route_to_triton_under_autocast():

@@ -75,7 +75,12 @@ def device_peaks(device: torch.device) -> tuple:
 
 
 def git_commit() -> str:
-    """Short commit of the source tree the package runs from ("-dirty" if modified), or ""."""
+    """Short commit of the source tree the package runs from ("-dirty" if modified), or "".
+
+    ``$HIMNET_FAST_GIT_COMMIT`` overrides it, for a copy of the tree without its ``.git``
+    (``bench/gpu_run.sh`` on a lent machine)."""
+    if os.environ.get("HIMNET_FAST_GIT_COMMIT"):
+        return os.environ["HIMNET_FAST_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
