@@ -191,6 +191,11 @@ def _adaptive_matmul_bwd_de_kernel(
         b_mask = rb < N
         eb_t = tl.load(e_g + rb[None, :] * se_n + rd[:, None] * se_d, mask=d_mask[:, None] & b_mask[None, :],
                        other=0.0)
+        # E of the other rows, loaded before the W loop on purpose: loaded after it, Triton 3.6
+        # (sm_90, 16-bit operands, W not a multiple of BLOCK_W) reads its shared-memory copy out
+        # of bounds (compute-sanitizer: invalid __shared__ read; an illegal memory access on an
+        # H100 at G=16, N=883, W=67).
+        eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
         # s is symmetric (E Eᵀ), so own x other is s[i, j] on the query side and sᵀ on the key side.
         s = tl.dot(ea.to(DOT), eb_t.to(DOT), input_precision=PRECISION, out_dtype=ACC)
         # dP (own x other) = dO_query · V_key, reduced over all W columns here.
@@ -220,7 +225,6 @@ def _adaptive_matmul_bwd_de_kernel(
             ds = p * (dp - delta_a[:, None])
         # ReLU mask: relu'(s) = 0 for s <= 0 (torch's convention); padded rows/cols drop out too.
         ds = tl.where((s > 0) & a_mask[:, None] & b_mask[None, :], ds, 0.0)
-        eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
         de = tl.dot(to_storage(ds, eb.dtype, RNE).to(DOT), eb.to(DOT), de, input_precision=PRECISION)
 
     out = de_ptr + (g * N + ra[:, None]) * D + rd[None, :]
