@@ -6,8 +6,9 @@ implementation per backend. A backend registers itself with :func:`register`; th
 
 Rules (DESIGN.md, "Public contract"):
 
-* ``backend=None`` or ``"auto"`` uses ``$HIMNET_FAST_BACKEND`` if set, otherwise the fastest
-  available backend for the tensors' device (cuda > triton > torch on CUDA; torch on CPU).
+* ``backend=None`` or ``"auto"`` uses ``$HIMNET_FAST_BACKEND`` if set, otherwise the backend
+  that measured fastest for the op on the tensors' device (:data:`AUTO_ORDER`; the evidence is
+  in ``bench/results/gpu-h100/``).
 * An explicit backend that cannot run raises :class:`BackendUnavailableError` naming why.
 * A backend without a backward for an op that needs gradients hands over to the next one
   that has it, with one warning per (op, backend) pair.
@@ -22,8 +23,21 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
-_AUTO_ORDER_CPU = ("torch",)
+# Automatic choice on CUDA, per op, by measurement only (bench/results/gpu-h100/, one H100,
+# PEMS07 preset, each provider in its own process):
+# * torch first for everything measured at N = 883, B = 16: the training step (91 ms against
+#   281 ms for triton and 294 ms for cuda), inference (28 ms; cuda 40, triton 56), and each op
+#   forward and backward (meta_linear "ST" 1.8 ms vs 3.1, adaptive propagation 0.7 ms vs 4.8).
+#   The cuda kernels are FMA-only (no tensor cores) and never measured fastest.
+# * triton first for the streamed adaptive product (graphs above HIMNET_FAST_DENSE_BUDGET_MB,
+#   which only that path reaches): a training step at N = 20,000, B = 1 took 2.58 s with it
+#   against 3.84 s with torch's row-blocked streaming.
+# A new measurement that changes a ranking changes this table, not a guess.
+AUTO_ORDER = {
+    "cuda": {"adaptive_matmul": ("triton", "torch")},
+    "cpu": {},
+}
+_AUTO_DEFAULT = ("torch",)
 ENV_VAR = "HIMNET_FAST_BACKEND"
 
 
@@ -104,7 +118,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device, needs_grad: b
         if needs_grad and not impl.has_backward:
             return _fallback_for_grad(op, name, device)
         return name, impl
-    order = _AUTO_ORDER_CUDA if device.type == "cuda" else _AUTO_ORDER_CPU
+    order = auto_order(op, device)
     for cand in order:
         if unavailable_reason(op, cand, device) is None:
             impl = _REGISTRY[(op, cand)]
@@ -112,6 +126,11 @@ def resolve(op: str, backend: Optional[str], device: torch.device, needs_grad: b
                 continue
             return cand, impl
     raise BackendUnavailableError(f"{op}: no backend can run on {device}")  # torch always can
+
+
+def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
+    """Backends ``backend=None`` tries for ``op`` on ``device``, first choice first."""
+    return AUTO_ORDER.get(device.type, {}).get(op, _AUTO_DEFAULT)
 
 
 def _fallback_for_grad(op: str, name: str, device: torch.device) -> Tuple[str, Impl]:

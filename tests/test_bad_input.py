@@ -100,3 +100,25 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(hf.BackendUnavailableError, match="triton"):
         hf.ops.meta_linear(x, q, p, backend="triton")
     assert "triton" not in hf.available_backends("cpu")
+
+
+def test_auto_order_follows_the_committed_gpu_measurements(monkeypatch):
+    """On CUDA, automatic selection runs torch for every op except the streamed adaptive
+    product, where triton measured faster (bench/results/gpu-h100/). The choice is made from
+    the device type and the registry alone, so it is checked here without a GPU."""
+    monkeypatch.delenv("HIMNET_FAST_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for op in ("meta_linear", "gcru_gate", "gcru_update"):
+        assert _backend.auto_order(op, cuda) == ("torch",)
+    assert _backend.auto_order("adaptive_matmul", cuda) == ("triton", "torch")
+    assert "cuda" not in sum((_backend.auto_order(op, cuda) for op in
+                              ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update")), ())
+    assert _backend.auto_order("adaptive_matmul", cpu) == ("torch",)
+    # An automatic choice materialises a graph that fits the budget (torch's dense path);
+    # an explicit fused backend streams.
+    from himnet_fast.ops.adaptive_propagate import AdaptiveGraph
+    e = torch.randn(7, 3)
+    assert AdaptiveGraph(e).dense and AdaptiveGraph(e, backend="torch").dense
+    assert not AdaptiveGraph(e, backend="triton").dense
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")
+    assert not AdaptiveGraph(e).dense

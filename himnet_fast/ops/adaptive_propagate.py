@@ -128,7 +128,7 @@ class AdaptiveGraph:
     Args:
         embedding: (N, D) for the static graph, (B, N, D) for a per-sample graph.
         dense: True materialises A; False streams; None picks dense when the matrix fits
-            ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is "torch".
+            ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is "torch" or automatic.
         backend: backend for the streamed product (see ``himnet_fast.available_backends``).
     """
 
@@ -139,13 +139,12 @@ class AdaptiveGraph:
         self.per_sample = embedding.dim() == 3
         self.num_nodes = embedding.shape[-2]
         self.backend = backend
-        device = embedding.device
         if dense is None:
             g = embedding.shape[0] if self.per_sample else 1
             fits = g * self.num_nodes * self.num_nodes * 4 <= dense_budget_bytes()
+            # A dense A is torch's path; an explicit triton/cuda request means the fused kernels.
             name = _backend.normalize_backend(backend)
-            auto_torch = name == "torch" or (name is None and device.type != "cuda")
-            dense = fits and auto_torch
+            dense = fits and name in (None, "torch")
         self.dense = bool(dense)
         self.matrix = adaptive_graph(embedding) if self.dense else None
 
