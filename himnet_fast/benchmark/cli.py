@@ -55,6 +55,7 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--nodes", required=True, help="comma-separated graph sizes, e.g. 207,883,2352,8600")
     _common(s, "himnet")
     s.set_defaults(func=_scale)
+    add_roofline(subparsers)
 
 
 def _config(args, kind: str):
@@ -105,3 +106,71 @@ def _bench(args) -> int:
 
 def _scale(args) -> int:
     return _run(args, "scale")
+
+
+def add_roofline(subparsers) -> None:
+    r = subparsers.add_parser("roofline", help="predicted time of every op and the model (no GPU needed)",
+                              description="FLOPs, bytes and the roofline-predicted time at practical H100 "
+                                          "limits, for our algorithms and the original's. Predictions, not "
+                                          "measurements; --measured adds a benchmark CSV's p50 beside them.")
+    r.add_argument("--preset", default="pems07", help="model sizes (default pems07)")
+    r.add_argument("--nodes", type=int, default=None, help="graph size (default: the preset's)")
+    r.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    r.add_argument("--measured", default=None, help="a bench CSV (himnet-fast bench --device cuda) to compare with")
+    r.add_argument("--out", default=None, help="write roofline_<preset>_b<B>.{csv,md,png} into this folder")
+    r.set_defaults(func=_roofline)
+
+
+def _roofline(args) -> int:
+    import os
+
+    import pandas as pd
+
+    from ..presets import get_preset
+    from . import roofline as R
+    from .report import to_markdown
+
+    try:
+        preset = get_preset(args.preset)
+        n = preset.num_nodes if args.nodes is None else args.nodes
+        if args.batch_size < 1 or n < 1:
+            raise ValueError(f"--batch-size and --nodes must be >= 1, got {args.batch_size} and {n}")
+        if args.measured and not os.path.isfile(args.measured):
+            raise ValueError(f"--measured: no such file {args.measured!r}")
+    except ValueError as exc:
+        print(f"himnet-fast roofline: {exc}", file=sys.stderr)
+        return 2
+    rows = R.table(preset, n, args.batch_size)
+    if args.measured:
+        rows = R.with_measured(rows, args.measured)
+    df = pd.DataFrame(rows)
+    show = df.copy()
+    for c in ("gflop", "gbytes", "predicted_ms", "compute_ms", "memory_ms"):
+        show[c] = show[c].map(lambda v: f"{v:.4g}")
+    for c in ("measured_ms", "measured_over_predicted"):
+        if c in show:
+            show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    if "measured_provider" in show:
+        show["measured_provider"] = show["measured_provider"].fillna("")
+    show = show.drop(columns=["limits", "preset"]).rename(columns={"predicted_ms": "PREDICTED ms"})
+    text = (f"# Roofline predictions: {preset.name}, N = {n}, B = {args.batch_size}\n\n"
+            f"Limits: {R.H100.name}: HBM {R.H100.bandwidth / 1e12:.2f} TB/s, fp32 FMA "
+            f"{R.H100.compute['fp32'] / 1e12:.1f}, TF32 {R.H100.compute['tf32'] / 1e12:.0f}, bf16 "
+            f"{R.H100.compute['bf16'] / 1e12:.0f} TFLOP/s. Every time in the PREDICTED column is a "
+            "prediction from counting FLOPs and bytes (himnet_fast/benchmark/roofline.py), not a "
+            "measurement; measured_ms is a benchmark p50 (fp32 rows only) where a CSV was given.\n\n"
+            + to_markdown(show) + "\n")
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"roofline_{preset.name}_n{n}_b{args.batch_size}")
+        df.to_csv(stem + ".csv", index=False)
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        try:
+            R.plot(rows, stem + ".png")
+        except ImportError:
+            print("himnet-fast roofline: matplotlib is not installed; no plot (pip install matplotlib)",
+                  file=sys.stderr)
+        print(f"wrote {stem}.csv, .md, .png")
+    return 0

@@ -55,6 +55,19 @@ def to_markdown(df) -> str:
     return "\n".join(lines)
 
 
+def _predicted(row):
+    """Roofline-predicted ms of a row at H100 fp32 limits (see roofline.py); None if unknown."""
+    from ..presets import get_preset
+    from .roofline import predicted_ms
+
+    try:
+        preset = get_preset(str(row.preset))
+        return predicted_ms(str(row.kernel), str(row.mode), preset, int(row.x), int(row.batch_size),
+                            str(row.provider))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def summary_table(df):
     """One line per (kernel, mode, N, provider): time, memory and ratios vs the reference."""
     import pandas as pd
@@ -64,6 +77,7 @@ def summary_table(df):
                                          "triton", "cuda", "flex"])}
     d["_o"] = d.provider.map(order).fillna(99)
     d = d.sort_values(["kernel", "mode", "x", "_o"], kind="stable")
+    pred = [_predicted(r) for r in d.itertuples()]
     out = pd.DataFrame({
         "kernel": d.kernel, "mode": d["mode"], "N": d.x, "B": d.batch_size, "provider": d.provider,
         "status": d.status,
@@ -79,6 +93,9 @@ def summary_table(df):
         "% peak": d.pct_peak_tflops.map(lambda v: _fmt(v, ".2g")),
         "GB/s": d.gbps.map(lambda v: _fmt(v, ".3g")),
         "first call s": d.first_call_ms.map(lambda v: _fmt(_num(v) / 1e3, ".1f") if _num(v) else ""),
+        "PREDICTED ms (H100 fp32)": [_fmt(v, ".3g") for v in pred],
+        "measured / predicted": [_fmt(_num(m) / v, ".2g") if (v and _num(m) and on_gpu) else ""
+                                 for m, v, on_gpu in zip(d.p50, pred, d.device.astype(str).str.contains("H100"))],
         "max rel err": d.max_rel_err.map(lambda v: _fmt(v, ".1e")),
         "load": d.load_avg.map(lambda v: _fmt(v, ".1f")),
         "note": d.reason.fillna("").astype(str).str.slice(0, 160),
@@ -100,7 +117,10 @@ def write_markdown(df, path: str, cfg=None, command: str = "") -> str:
               "(RSS on CPU, allocated memory on a GPU), and the absolute peak. Ratios are against "
               "`reference` at the same N and batch: speedup = reference time / time, memory ratio = "
               "reference peak / peak. \"first call\" includes torch.compile's compilation. "
-              "Model TFLOP/s count the matmul FLOPs of the lean algorithm; train = forward + backward.",
+              "Model TFLOP/s count the matmul FLOPs of the lean algorithm; train = forward + backward. "
+              "PREDICTED is not a measurement: the roofline time at 60 % of H100 limits for the row's "
+              "algorithm (the original's for reference providers; `himnet-fast roofline` shows the counts); "
+              "measured / predicted is given for rows measured on an H100.",
               "", to_markdown(summary_table(df)), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
