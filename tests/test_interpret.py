@@ -47,7 +47,15 @@ def test_pca_recovers_the_dominant_axes():
     assert p.shape == (200, 2)
     assert abs(np.corrcoef(p[:, 0], t)[0, 1]) > 0.999
     assert p[:, 0].var() > p[:, 1].var() > 0
-    torch.testing.assert_close(pca_2d(x), p)                      # deterministic, signs fixed
+    # Signs are fixed by the loadings, not left to the SVD: negating the data negates the
+    # projection, and reordering the samples reorders it.
+    torch.testing.assert_close(pca_2d(-x), -p, rtol=1e-5, atol=1e-5)
+    xc = (x - x.mean(0)).double()
+    loadings = torch.linalg.lstsq(xc, p.double()).solution      # (6, 2): the axes themselves
+    top = loadings.abs().argmax(0)
+    assert (loadings[top, torch.arange(2)] > 0).all(), "each axis's largest loading must be positive"
+    perm = torch.randperm(200, generator=g)
+    torch.testing.assert_close(pca_2d(x[perm]), p[perm], rtol=1e-5, atol=1e-5)
     c = cosine_matrix(torch.randn(4, 10, generator=g))
     torch.testing.assert_close(torch.diagonal(c), torch.ones(4))
     torch.testing.assert_close(c, c.T)

@@ -149,6 +149,18 @@ def test_meta_linear_deterministic_on_gpu():
 
 # --------------------------------------------------------------------------- adaptive_matmul
 
+def test_adaptive_matmul_deterministic_on_gpu():
+    """The backward's two dE passes and the split partials are reduced in a fixed order (no
+    atomics): two runs give bitwise the same output and gradients."""
+    e = torch.randn(16, 883, 16, device=CUDA) * 0.5
+    v = torch.randn(16, 883, 67, device=CUDA)
+    g = torch.randn(16, 883, 67, device=CUDA)
+    runs = [_run(_tb().triton_adaptive_matmul, [_leaf(e), _leaf(v)], g) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
 AM_GRID = [  # (G, N, D, W): static graph with the batch folded into W, per-sample decoder graph
     (1, 883, 16, 1024), (1, 883, 10, 48), (16, 883, 16, 67), (16, 883, 16, 64),
     (1, 37, 14, 1024), (16, 37, 2, 65), (1, 1, 16, 1024), (16, 1, 16, 3),

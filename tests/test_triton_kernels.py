@@ -168,27 +168,17 @@ def test_meta_linear_non_contiguous(axis):
         _assert_rel(a, b, 1e-6, name)
 
 
-def test_meta_linear_dp_split_and_determinism():
-    """dP's split-K partials are reduced in a fixed order: any split agrees, and one split
-    gives bitwise the same gradients every run, under deterministic-algorithms mode too."""
+def test_meta_linear_dp_split_agrees():
+    """dP's split-K partials are reduced in a fixed order: any split agrees with no split.
+    (Run-to-run determinism cannot fail in the interpreter, which runs programs one after
+    another in numpy; it is tested on the GPU in test_triton_gpu.py.)"""
     x, q, p, pb = _ml_inputs("ST", 2, 23, 18, 17, 2, dtype=torch.float32)
     dy = torch.randn(2, 23, 17)
     one = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", needs=(False, False, True, False), split=1)[2]
     three = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", needs=(False, False, True, False), split=3)[2]
     _assert_rel(three, one, 1e-6, "dP split 3 vs 1")
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", split=3)
-        again = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", split=3)
-        y1 = tb.triton_meta_linear(x, q, p, pb, "ST")
-        y2 = tb.triton_meta_linear(x, q, p, pb, "ST")
-    finally:
-        torch.use_deterministic_algorithms(prev)
-    assert torch.equal(first[2], three)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
-    assert torch.equal(y1, y2)
+    full = k_ml.meta_linear_backward(dy, x, q, p, pb, "ST", split=3)
+    assert torch.equal(full[2], three), "dP must not depend on which other gradients are asked for"
 
 
 @pytest.mark.parametrize("axis", ["T", "S", "ST"])
@@ -285,7 +275,7 @@ def test_adaptive_matmul_saves_only_e_v_out_lse():
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
 
 
-def test_adaptive_matmul_non_contiguous_and_deterministic():
+def test_adaptive_matmul_non_contiguous_is_bitwise_the_same():
     G, N, D, W = 2, 29, 6, 20
     e, v, g = torch.randn(G, N, D), torch.randn(G, N, W), torch.randn(G, N, W)
     want, gwant = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
@@ -367,9 +357,11 @@ def test_check_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reason = tb._check(torch.device("cpu"))
     assert reason is not None and "TRITON_INTERPRET=1" in reason
-    if not HAS_CUDA:
+    if HAS_CUDA:
+        assert "triton" in hf.available_backends(torch.device("cuda"))
+    else:
         assert "CUDA" in tb._check(torch.device("cuda"))
-    assert "triton" in hf.available_backends(torch.device("cuda")) or not HAS_CUDA
+        assert "triton" not in hf.available_backends(torch.device("cuda"))
 
 
 def test_dot_precision_follows_torch_tf32_flag():
