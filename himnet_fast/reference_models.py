@@ -126,3 +126,144 @@ class RefAGCRN(nn.Module):
         output = self.end_conv(output)                                      # B, T*C, N, 1
         output = output.squeeze(-1).reshape(-1, self.horizon, self.output_dim, self.num_node)
         return output.permute(0, 1, 3, 2)                                   # B, T, N, C
+
+
+# --------------------------------------------------------------------------- HyperST-Net (paper)
+#
+# Written from the paper's equations (no public code). Each generated weight is materialised per
+# location, W_n = f(e_n), and applied at every step; nothing is hoisted out of the time loop.
+
+class _RefSpatial(nn.Sequential):
+    """Spatial module: e = relu(relu(a W1 + b1) W2 + b2)."""
+
+    def __init__(self, attr_dim, spatial_dim):
+        super().__init__(nn.Linear(attr_dim, spatial_dim), nn.ReLU(), nn.Linear(spatial_dim, spatial_dim), nn.ReLU())
+
+
+def _ref_lstm(gates, c):
+    i, f, g, o = torch.split(gates, gates.shape[-1] // 4, dim=-1)
+    i, f, o, g = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o), torch.tanh(g)
+    c = f * c + i * g
+    return o * torch.tanh(c), c
+
+
+class _RefHyperSTBase(nn.Module):
+    def __init__(self, num_nodes, attributes, input_dim, hidden_dim, output_dim, horizon, spatial_dim):
+        super().__init__()
+        self.num_nodes, self.input_dim, self.hidden_dim = num_nodes, input_dim, hidden_dim
+        self.output_dim, self.horizon = output_dim, horizon
+        self.register_buffer("attributes", attributes.detach().clone().float())
+        self.spatial = _RefSpatial(attributes.shape[1], spatial_dim)
+
+    def head_out(self, h):
+        B, N, _ = h.shape
+        y = self.head(h)                                                  # B, N, horizon*C
+        return y.reshape(B, N, self.horizon, self.output_dim).permute(0, 2, 1, 3)
+
+    def forward(self, source):
+        """source (B, T, N, input_dim) -> (B, horizon, N, output_dim)."""
+        e = self.spatial(self.attributes)                                 # N, S
+        cur = source
+        for cell in self.cells:
+            B, T, N, _ = cur.shape
+            h = torch.zeros(B, N, cell.hidden_dim, dtype=cur.dtype)
+            c = torch.zeros_like(h)
+            outs = []
+            for t in range(T):
+                h, c = cell(cur[:, t], h, c, e, self)
+                outs.append(h)
+            cur = torch.stack(outs, dim=1)
+        return self.head_out(cur[:, -1])
+
+
+class _RefLSTMGCell(nn.Module):
+    def __init__(self, input_dim, hidden_dim, spatial_dim, query_dim):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.deduction = nn.Linear(spatial_dim, query_dim)
+        self.weights_pool = nn.Parameter(torch.empty(query_dim, input_dim + hidden_dim, 4 * hidden_dim))
+        self.bias_pool = nn.Parameter(torch.empty(query_dim, 4 * hidden_dim))
+
+    def forward(self, x, h, c, e, model):
+        q = self.deduction(e)                                             # N, D
+        w = torch.einsum("nd,dio->nio", q, self.weights_pool)              # N, I+H, 4H: W_n
+        b = q @ self.bias_pool                                            # N, 4H: b_n
+        gates = torch.einsum("bni,nio->bno", torch.cat((x, h), -1), w) + b
+        return _ref_lstm(gates, c)
+
+
+class RefHyperSTLSTMG(_RefHyperSTBase):
+    def __init__(self, num_nodes, attributes, input_dim=1, hidden_dim=64, output_dim=1, horizon=12,
+                 num_layers=1, spatial_dim=16, query_dim=8):
+        super().__init__(num_nodes, attributes, input_dim, hidden_dim, output_dim, horizon, spatial_dim)
+        self.cells = nn.ModuleList([_RefLSTMGCell(input_dim if i == 0 else hidden_dim, hidden_dim, spatial_dim,
+                                                  query_dim) for i in range(num_layers)])
+        self.head = nn.Linear(hidden_dim, horizon * output_dim)
+
+
+class _RefLSTMDCell(nn.Module):
+    def __init__(self, input_dim, hidden_dim, spatial_dim):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.deduction = nn.Linear(spatial_dim, 4 * hidden_dim)
+        self.weight = nn.Parameter(torch.empty(input_dim + hidden_dim, 4 * hidden_dim))
+        self.bias = nn.Parameter(torch.zeros(4 * hidden_dim))
+
+    def forward(self, x, h, c, e, model):
+        z = self.deduction(e)                                             # N, 4H
+        w = torch.einsum("io,no->nio", self.weight, z)                     # W_n = W' diag(z_n)
+        gates = torch.einsum("bni,nio->bno", torch.cat((x, h), -1), w) + self.bias
+        return _ref_lstm(gates, c)
+
+
+class RefHyperSTLSTMD(_RefHyperSTBase):
+    def __init__(self, num_nodes, attributes, input_dim=1, hidden_dim=64, output_dim=1, horizon=12,
+                 num_layers=1, spatial_dim=16):
+        super().__init__(num_nodes, attributes, input_dim, hidden_dim, output_dim, horizon, spatial_dim)
+        self.cells = nn.ModuleList([_RefLSTMDCell(input_dim if i == 0 else hidden_dim, hidden_dim, spatial_dim)
+                                    for i in range(num_layers)])
+        self.head = nn.Linear(hidden_dim, horizon * output_dim)
+
+
+class _RefHyperSTGCN(nn.Module):
+    def __init__(self, dim_in, dim_out, cheb_k, spatial_dim):
+        super().__init__()
+        self.cheb_k = cheb_k
+        self.deduction = nn.Linear(spatial_dim, dim_out)
+        self.weight = nn.Parameter(torch.empty(cheb_k * dim_in, dim_out))
+        self.bias = nn.Parameter(torch.zeros(dim_out))
+
+    def forward(self, x, node_embeddings, e):
+        n = node_embeddings.shape[0]
+        a = F.softmax(F.relu(node_embeddings @ node_embeddings.T), dim=1)
+        support_set = [torch.eye(n, dtype=a.dtype), a]
+        for _ in range(2, self.cheb_k):
+            support_set.append(torch.matmul(2 * a, support_set[-1]) - support_set[-2])
+        x_g = torch.cat([torch.einsum("nm,bmc->bnc", s, x) for s in support_set], dim=-1)  # B, N, K*I
+        z = self.deduction(e)                                             # N, O
+        w = torch.einsum("io,no->nio", self.weight, z)                     # per-node W diag(z_n)
+        return torch.einsum("bni,nio->bno", x_g, w) + self.bias
+
+
+class _RefGCGRUCell(nn.Module):
+    def __init__(self, input_dim, hidden_dim, cheb_k, spatial_dim):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.gate = _RefHyperSTGCN(input_dim + hidden_dim, 2 * hidden_dim, cheb_k, spatial_dim)
+        self.update = _RefHyperSTGCN(input_dim + hidden_dim, hidden_dim, cheb_k, spatial_dim)
+
+    def forward(self, x, h, c, e, model):
+        z_r = torch.sigmoid(self.gate(torch.cat((x, h), -1), model.node_embeddings, e))
+        z, r = torch.split(z_r, self.hidden_dim, dim=-1)
+        hc = torch.tanh(self.update(torch.cat((x, z * h), -1), model.node_embeddings, e))
+        return r * h + (1 - r) * hc, c
+
+
+class RefHyperSTGCGRU(_RefHyperSTBase):
+    def __init__(self, num_nodes, attributes, input_dim=1, hidden_dim=64, output_dim=1, horizon=12,
+                 num_layers=1, spatial_dim=16, embed_dim=10, cheb_k=2):
+        super().__init__(num_nodes, attributes, input_dim, hidden_dim, output_dim, horizon, spatial_dim)
+        self.node_embeddings = nn.Parameter(torch.randn(num_nodes, embed_dim))
+        self.cells = nn.ModuleList([_RefGCGRUCell(input_dim if i == 0 else hidden_dim, hidden_dim, cheb_k,
+                                                  spatial_dim) for i in range(num_layers)])
+        self.head = nn.Linear(hidden_dim, horizon * output_dim)
