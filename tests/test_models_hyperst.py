@@ -157,3 +157,15 @@ def test_build_model_bad_arguments():
         build_model("hyperst-gcgru", 3)
     with pytest.raises(ValueError, match="takes no attributes"):
         build_model("agcrn", 3, attributes=torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("kind,budget", [("gcgru", "256"), ("lstm-g", "0")])
+def test_hyperst_triton_backend_tiny(monkeypatch, kind, budget):
+    """Triton kernels (the interpreter on CPU): GCGRU's streamed graph product and gate/update,
+    LSTM-G's streamed per-node meta-linear (zero dense budget)."""
+    from conftest import HAS_TRITON
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", budget)
+    fast, ref = make(kind, 4, 1, 1, backend="triton")
+    check_parity(fast, ref, torch.randn(1, 2, 4, 1))
