@@ -197,7 +197,8 @@ class AVWDCRNN(nn.Module):
 
 
 def _arg(args, name, value):
-    return getattr(args, name) if args is not None and value is None else value
+    """A keyword wins; else the attribute of the original's ``args`` object, if it has one."""
+    return getattr(args, name, None) if args is not None and value is None else value
 
 
 class AGCRN(nn.Module):
