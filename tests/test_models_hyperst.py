@@ -169,3 +169,42 @@ def test_hyperst_triton_backend_tiny(monkeypatch, kind, budget):
     monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", budget)
     fast, ref = make(kind, 4, 1, 1, backend="triton")
     check_parity(fast, ref, torch.randn(1, 2, 4, 1))
+
+
+@pytest.mark.parametrize("name", ["agcrn", "hyperst-lstm-g", "hyperst-gcgru"])
+def test_large_graph_paths_build_no_node_weights_and_no_dense_graph(monkeypatch, name):
+    """Above the dense budget (here 0) neither the (N, I, O) per-node weights nor the N×N graph
+    is ever materialised, forward and backward."""
+    import importlib
+    gcn_mod = importlib.import_module("himnet_fast.nn.gcn")
+    # (himnet_fast.ops.adaptive_propagate the attribute is the function; the module is here)
+    ap_mod = importlib.import_module("himnet_fast.ops.adaptive_propagate")
+
+    def forbidden(*a, **k):
+        raise AssertionError("materialised a per-node weight or a dense graph")
+
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")
+    monkeypatch.setattr(gcn_mod, "generate_weights", forbidden)
+    monkeypatch.setattr(ap_mod, "adaptive_graph", forbidden)
+    from himnet_fast.models import needs_attributes
+    N = 5
+    m = build_model(name, N, attributes=torch.randn(N, 6) if needs_attributes(name) else None, hidden_dim=4,
+                    horizon=2, num_layers=1)
+    m(torch.randn(2, 3, N, 1)).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", ["agcrn", "hyperst-lstm-g", "hyperst-lstm-d", "hyperst-gcgru"])
+def test_bf16_autocast_runs_and_stays_close(name):
+    """The trainer's --amp: bf16 autocast forward and backward, close to fp32."""
+    from himnet_fast.models import needs_attributes
+    N = 6
+    m = build_model(name, N, attributes=torch.randn(N, 6) if needs_attributes(name) else None, hidden_dim=8,
+                    horizon=3, num_layers=2)
+    x = torch.randn(2, 4, N, 3)
+    y = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = m(x)
+    ya.float().sum().backward()
+    assert _rel(ya.float(), y) < 3e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
