@@ -19,7 +19,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +33,7 @@ import torch
 from ..data.sampler import BatchOrder
 from ..data.series import TrafficData
 from . import checkpoint as ckpt
+from .baselines import baseline_metrics
 from .protocol import MetricAccumulator, get_preset, loss_fn, model_kwargs
 
 
@@ -179,6 +182,43 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
     return result
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`: the run was saved to ``path`` (None when the trainer
+    has no ``out_dir``) after the last completed batch and can be resumed from it."""
+
+    def __init__(self, path: Optional[str]):
+        super().__init__(path)
+        self.path = path
+
+
+class _DeferSigint:
+    """Turns the first SIGINT into a flag checked between batches, so the saved checkpoint is
+    never one with a half-applied optimizer step; a second Ctrl-C interrupts at once. Only the
+    main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nCtrl-C: saving a checkpoint after this batch (press again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 class Trainer:
     """Train ``model`` on ``data`` with ``config``; write checkpoints and metrics to ``out_dir``.
 
@@ -255,6 +295,16 @@ class Trainer:
         (writing checkpoint.pt first), as a kill would between two saves; for tests and for
         time-boxed jobs. Returns the partial summary in that case.
         """
+        with _DeferSigint() as sigint:
+            summary = self._fit(stop_after_batches, sigint)
+        if summary is None:
+            self.save_checkpoint()
+            self.write_metrics()
+            raise TrainingInterrupted(self._path("checkpoint.pt"))
+        return summary
+
+    def _fit(self, stop_after_batches, sigint) -> Optional[dict]:
+        """The loop of :meth:`fit`; None when interrupted by Ctrl-C (state consistent)."""
         cfg = self.config
         self.model.train()
         done_now = 0
@@ -274,6 +324,9 @@ class Trainer:
                     bar.close()
                     self.save_checkpoint()
                     return self.summary()
+                if sigint.hit:
+                    bar.close()
+                    return None
             bar.close()
             train_loss = self.epoch_loss_sum / max(1, n_batches)
             if self.world > 1:  # the mean over ranks, so every rank logs and stores the same history
@@ -310,6 +363,8 @@ class Trainer:
                 self.save_best()
             self.save_checkpoint()
             self.write_metrics()
+            if sigint.hit:
+                return None
         if self.stopped_early:
             self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
         return self.finish()
@@ -325,13 +380,19 @@ class Trainer:
         test = evaluate_model(self.model, self.data, "test", batch_size=cfg.eval_batch_size or cfg.batch_size,
                               device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
                               progress=self.progress)
-        if current is not None:
-            self.model.load_state_dict(current)
         self.test_metrics = test
+        # the naive forecasts on exactly the windows the model was tested on
+        n_test = len(self.data.splits["test"])
+        if cfg.limit_batches:
+            n_test = min(n_test, cfg.limit_batches * (cfg.eval_batch_size or cfg.batch_size))
+        self.baselines = baseline_metrics(self.data, "test", max_windows=n_test)
         self.log(f"test (best epoch {self.best_epoch}): MAE {test['overall']['MAE']:.3f}  "
                  f"RMSE {test['overall']['RMSE']:.3f}  MAPE {test['overall']['MAPE']:.2f}%")
         self.write_metrics()
         self.plot_losses()
+        self.plot_results(n_test)
+        if current is not None:
+            self.model.load_state_dict(current)
         return self.summary()
 
     # ------------------------------------------------------------------ state
@@ -414,6 +475,7 @@ class Trainer:
     def summary(self) -> dict:
         return {"config": self.config.to_dict(), "data": self.data.describe(), "counters": self.counters(),
                 "history": self.history, "test": getattr(self, "test_metrics", None),
+                "baselines": getattr(self, "baselines", None),
                 "num_parameters": sum(p.numel() for p in self.model.parameters())}
 
     def write_metrics(self) -> None:
@@ -427,6 +489,21 @@ class Trainer:
             json.dump(s, f, indent=1, allow_nan=True)
         os.replace(tmp, path)
 
+    def plot_results(self, n_test: int) -> list:
+        """forecast_vs_truth.png and error_by_horizon.png (best model, test part); needs matplotlib."""
+        if self.out_dir is None or self.rank != 0 or not getattr(self, "baselines", None):
+            return []
+        from . import plots
+        if plots._pyplot() is None:
+            return []  # plot_losses already said that matplotlib is missing
+        steps = [s for s in (3, 12) if s <= self.data.out_steps]
+        pred = plots.predict_split(self.model, self.data, "test", steps=steps, device=self.device,
+                                   batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test)
+        minutes = int(self.data.extra.get("step_minutes", 5))
+        return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps),
+                plots.plot_error_by_horizon(self.test_metrics, self.baselines, self._path("error_by_horizon.png"),
+                                            step_minutes=minutes, dataset=self.data.name)]
+
     def plot_losses(self) -> Optional[str]:
         path = self._path("loss_curve.png")
         if path is None or self.rank != 0 or not self.history:
@@ -436,7 +513,8 @@ class Trainer:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            self.log("matplotlib not installed: no loss curve")
+            self.log("matplotlib not installed: no plots (loss curve, forecasts, error by horizon); "
+                     "pip install matplotlib, or the package's [train] extra")
             return None
         ep = [h["epoch"] for h in self.history]
         fig, ax = plt.subplots(figsize=(6, 4))
