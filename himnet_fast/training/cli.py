@@ -46,6 +46,9 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--backend", help="himnet_fast backend: auto, torch, triton, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: 1 for LOSLOOP, PEMS08_SAMPLE and --data, whose small "
+                        "models gain little from more and lose several times on a busy machine; else torch's)")
 
 
 def add_subcommands(sub) -> None:
@@ -182,6 +185,18 @@ def _print_comparison(summary, data) -> None:
                             step_minutes=int(data.extra.get("step_minutes", 5))))
 
 
+def _set_threads(args, device) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and (args.data or (args.dataset or "LOSLOOP").upper().replace("-", "").replace("_", "")
+                                   in ("LOSLOOP", "PEMS08SAMPLE")) and not args.resume:
+        torch.set_num_threads(1)
+
+
 def _canonical(name: str) -> str:
     from ..data.series import canonical_name
 
@@ -208,6 +223,7 @@ def _train(args) -> int:
 
     device = _init_distributed(args.device)
     _check_backend(args.backend, device)
+    _set_threads(args, device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     log = print if rank == 0 else (lambda msg: None)
     progress = not args.no_progress
@@ -270,6 +286,7 @@ def _evaluate(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
+    _set_threads(args, device)
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     state = ckpt.load(args.checkpoint)

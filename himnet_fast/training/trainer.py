@@ -97,10 +97,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(model_config: dict, backend: Optional[str] = None):
+def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Optional[int] = 12):
+    """The model of a run from ``config.model`` (HimNet constructor arguments); it accepts
+    inputs of ``in_steps`` steps only (the windows it is trained on)."""
     from ..nn.himnet import HimNet
 
-    return HimNet(**model_config, backend=backend)
+    return HimNet(**model_config, backend=backend, in_steps=in_steps)
 
 
 def _dist_info():
@@ -240,7 +242,7 @@ class Trainer:
                      f"using {data.num_nodes}")
         config.model["num_nodes"] = data.num_nodes
         seed_everything(config.seed)
-        self.model = (model if model is not None else build_model(config.model, config.backend)).to(self.device)
+        self.model = (model if model is not None else build_model(config.model, config.backend, data.in_steps)).to(self.device)
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
