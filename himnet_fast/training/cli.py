@@ -193,7 +193,7 @@ def _set_threads(args, device) -> None:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and (args.data or (args.dataset or "LOSLOOP").upper().replace("-", "").replace("_", "")
-                                   in ("LOSLOOP", "PEMS08SAMPLE")) and not args.resume:
+                                   in ("LOSLOOP", "PEMS08SAMPLE")) and not getattr(args, "resume", None):
         torch.set_num_threads(1)
 
 
