@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from himnet_fast.data import load_dataset
 from himnet_fast.data.series import from_signal, split_windows_by_steps
@@ -104,3 +105,25 @@ def test_format_comparison_says_whether_the_model_wins():
     worse = {"overall": better["overall"], "steps": [dict(m) for m in better["steps"]]}
     worse["steps"][2]["MAE"] = b["last value"]["steps"][2]["MAE"]
     assert "does NOT beat the last value (MAE) at horizon step(s) [3]" in format_comparison(worse, b)
+
+
+def test_residual_output_of_zero_is_the_last_value_forecast():
+    """The small preset's model predicts the change from the last input step: a model that
+    outputs 0 scores exactly the last-value baseline, and teacher forcing feeds it the true
+    changes in the same units."""
+    from himnet_fast.training.trainer import evaluate_model, teacher_labels, to_forecast
+
+    d = load_dataset()
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, y_cov):
+            return x.new_zeros(x.shape[0], 12, x.shape[2], 1)
+
+    m = evaluate_model(Zero(), d, "test", batch_size=64, limit_batches=2, residual=True)
+    lv = baseline_metrics(d, "test", max_windows=128)["last value"]
+    for a, b in zip(m["steps"], lv["steps"]):
+        assert a["MAE"] == pytest.approx(b["MAE"], abs=1e-4) and a["RMSE"] == pytest.approx(b["RMSE"], abs=1e-4)
+    b = d.batch("train", np.arange(4))
+    lab = teacher_labels(b, d.scaler, residual=True)
+    torch.testing.assert_close(to_forecast(lab, b.x, d.scaler, residual=True), b.target, atol=1e-4, rtol=0)
+    assert teacher_labels(b, d.scaler, residual=False) is b.labels

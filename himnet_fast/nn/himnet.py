@@ -91,12 +91,15 @@ class HimNet(nn.Module):
         inferred from its shapes). Returns the model in eval mode, with ``in_steps`` = 12 and,
         for a himnet_fast checkpoint, ``model.scaler`` (a
         :class:`~himnet_fast.data.StandardScaler`: ``scaler.transform(raw)`` gives
-        ``x[..., 0]``, ``scaler.inverse_transform(y)`` the forecast in raw units) and
-        ``model.checkpoint_info`` (dataset name, nodes, steps). The file is read with
-        ``weights_only=True``: it cannot run code.
+        ``x[..., 0]``) and ``model.checkpoint_info`` (dataset name, nodes, steps, scaler and
+        ``residual``: whether the output is the change from the last input step, as the
+        small CPU preset trains it). The raw-unit forecast is
+        ``himnet_fast.training.to_forecast(model(x, y_cov), x, model.scaler, info["residual"])``.
+        The file is read with ``weights_only=True``: it cannot run code.
 
+        >>> from himnet_fast.training import to_forecast                    # doctest: +SKIP
         >>> model = HimNet.from_checkpoint("runs/LOSLOOP/best.pt")          # doctest: +SKIP
-        >>> y = model.scaler.inverse_transform(model(x, y_cov))             # doctest: +SKIP
+        >>> y = to_forecast(model(x, y_cov), x, model.scaler, model.checkpoint_info["residual"])  # doctest: +SKIP
         """
         from ..data.series import StandardScaler
         from ..training import checkpoint as ckpt
@@ -104,8 +107,9 @@ class HimNet(nn.Module):
         state = ckpt.load(path, map_location=map_location)
         if ckpt.is_training_checkpoint(state):
             config, weights, meta = dict(state["config"]["model"]), state["model"], dict(state["data"])
+            meta["residual"] = bool(state["config"].get("residual", False))
         elif ckpt.is_raw_state_dict(state):
-            config, weights, meta = ckpt.infer_model_config(state), state, {"in_steps": 12}
+            config, weights, meta = ckpt.infer_model_config(state), state, {"in_steps": 12, "residual": False}
         else:
             raise ValueError(f"{path}: neither a himnet_fast training checkpoint (best.pt / checkpoint.pt) nor a "
                              f"state_dict of HimNet")

@@ -260,8 +260,9 @@ def _train(args) -> int:
         os.makedirs(out, exist_ok=True)
         trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
-    log(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters {trainer.config.model}; "
-        f"device {device}; {trainer.world} process(es); output {out}")
+    log(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters {trainer.config.model}"
+        f"{' (predicts the change from the last input step)' if trainer.config.residual else ''}; "
+        f"device {device}, {torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
     try:
         summary = trainer.fit()
     except TrainingInterrupted as exc:
@@ -296,6 +297,7 @@ def _evaluate(args) -> int:
         data, _ = _load_data(args, name, cfg.get("data_source"))
         model_cfg = dict(cfg["model"])
         weights = state["model"]
+        residual = bool(cfg.get("residual", False))
         batch = args.batch_size or cfg.get("eval_batch_size") or cfg["batch_size"]
         meta = state["data"]
         if abs(meta["scaler_mean"] - data.scaler.mean) > 1e-4 * max(1.0, abs(meta["scaler_mean"])):
@@ -307,6 +309,7 @@ def _evaluate(args) -> int:
         name = args.dataset or "LOSLOOP"
         data, _ = _load_data(args, name)
         weights = state
+        residual = False
         batch = args.batch_size or 16
     else:
         raise UserError(f"{args.checkpoint}: neither a himnet_fast checkpoint nor a HimNet state_dict")
@@ -316,6 +319,7 @@ def _evaluate(args) -> int:
     model.load_state_dict(weights, strict=True)
     print(data.describe())
     metrics = evaluate_model(model, data, args.split, batch_size=batch, device=device, limit_batches=args.limit_batches,
+                             residual=residual,
                              progress=not args.no_progress)
     print(f"{args.split} split, masked metrics (entries with true value 0 ignored):")
     print(format_metrics(metrics))

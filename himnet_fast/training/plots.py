@@ -25,9 +25,12 @@ def _pyplot():
 
 @torch.no_grad()
 def predict_split(model, data: TrafficData, split: str = "test", *, steps: Sequence[int] = (3, 12),
-                  batch_size: int = 32, device="cpu", max_windows: Optional[int] = None) -> np.ndarray:
+                  batch_size: int = 32, device="cpu", max_windows: Optional[int] = None,
+                  residual: bool = False) -> np.ndarray:
     """Raw-unit forecasts of every window of ``split`` at the horizon ``steps`` (1-based):
     (S, len(steps), N) float32. Window ``i`` forecasts step ``starts[i] + in_steps - 1 + h``."""
+    from .trainer import to_forecast
+
     was = model.training
     model.eval()
     n = len(data.splits[split]) if max_windows is None else min(max_windows, len(data.splits[split]))
@@ -35,7 +38,7 @@ def predict_split(model, data: TrafficData, split: str = "test", *, steps: Seque
     out = []
     for lo in range(0, n, batch_size):
         b = data.batch(split, np.arange(lo, min(n, lo + batch_size))).to(device)
-        pred = data.scaler.inverse_transform(model(b.x, b.y_cov).float())      # (B, T_out, N, 1)
+        pred = to_forecast(model(b.x, b.y_cov), b.x, data.scaler, residual)    # (B, T_out, N, 1)
         out.append(pred[:, idx, :, 0].cpu().numpy())
     model.train(was)
     return np.concatenate(out) if out else np.zeros((0, len(steps), data.num_nodes), np.float32)

@@ -60,6 +60,7 @@ class TrainConfig:
     limit_batches: Optional[int] = None         # per epoch, for train, val and test (smoke runs)
     save_every: Optional[int] = None            # also write checkpoint.pt every k batches
     backend: Optional[str] = None
+    residual: bool = False                      # the model predicts the change from the last input step
 
     @classmethod
     def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
@@ -69,7 +70,8 @@ class TrainConfig:
         model = model_kwargs(p)
         cfg = cls(dataset=dataset, model=model, max_epochs=p["max_epochs"], batch_size=p["batch_size"],
                   lr=p["lr"], eps=p["eps"], weight_decay=p["weight_decay"], milestones=list(p["milestones"]),
-                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"])
+                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"],
+                  residual=bool(p.get("residual", False)))
         names = {f.name for f in fields(cls)}
         for k, v in overrides.items():
             if v is None:
@@ -89,6 +91,29 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def to_forecast(out: torch.Tensor, x: torch.Tensor, scaler, residual: bool = False) -> torch.Tensor:
+    """Raw-unit forecast (B, T_out, N, 1) from the model's output ``out`` (same shape) and its
+    input ``x`` (B, T_in, N, C) with ``x[..., 0]`` scaled.
+
+    ``residual=False`` (the paper): ``out`` is the scaled signal. ``residual=True`` (the small
+    CPU preset): ``out`` is the change from the last input step in units of the scaler's std,
+    so an untrained model starts from the last-value forecast and a few minutes of training
+    improve on it instead of first having to learn to copy its input.
+    """
+    if not residual:
+        return scaler.inverse_transform(out.float())
+    last = scaler.inverse_transform(x[:, -1, :, :1].float())          # (B, N, 1)
+    return last[:, None] + out.float() * scaler.std
+
+
+def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
+    """What the decoder is fed under teacher forcing: the targets in the model's output units."""
+    if not residual:
+        return batch.labels
+    last = scaler.inverse_transform(batch.x[:, -1, :, :1].float())
+    return (batch.target - last[:, None]) / scaler.std
 
 
 def seed_everything(seed: int) -> None:
@@ -146,7 +171,7 @@ class _Progress:
 @torch.no_grad()
 def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size: int = 16, device="cpu",
                    limit_batches: Optional[int] = None, amp: bool = False, criterion: Optional[Callable] = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, residual: bool = False) -> dict:
     """Masked MAE/RMSE/MAPE of ``model`` on a split, per horizon step and overall (raw units).
 
     Shards the windows over the ranks of an initialised process group (without padding, so
@@ -166,7 +191,7 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
         b = data.batch(split, pos).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b.x, b.y_cov)
-        pred = data.scaler.inverse_transform(out.float())
+        pred = to_forecast(out, b.x, data.scaler, residual)
         acc.update(pred, b.target)
         if criterion is not None:
             loss_sum[0] += float(criterion(pred, b.target))
@@ -242,7 +267,15 @@ class Trainer:
                      f"using {data.num_nodes}")
         config.model["num_nodes"] = data.num_nodes
         seed_everything(config.seed)
-        self.model = (model if model is not None else build_model(config.model, config.backend, data.in_steps)).to(self.device)
+        if model is None:
+            model = build_model(config.model, config.backend, data.in_steps)
+            if config.residual and isinstance(getattr(model, "out_proj", None), torch.nn.Linear):
+                # a zero output layer makes the untrained model exactly the last-value forecast,
+                # so training starts from that baseline instead of from random changes
+                with torch.no_grad():
+                    model.out_proj.weight.zero_()
+                    model.out_proj.bias.zero_()
+        self.model = model.to(self.device)
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -279,8 +312,8 @@ class Trainer:
     def train_batch(self, positions: np.ndarray) -> float:
         b = self.data.batch("train", positions).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            out = self.net(b.x, b.y_cov, b.labels, self.batches_seen)
-        pred = self.data.scaler.inverse_transform(out.float())
+            out = self.net(b.x, b.y_cov, teacher_labels(b, self.data.scaler, self.config.residual), self.batches_seen)
+        pred = to_forecast(out, b.x, self.data.scaler, self.config.residual)
         loss = self.criterion(pred, b.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,7 +377,7 @@ class Trainer:
             t_train = time.perf_counter() - t0
             val = evaluate_model(self.model, self.data, "val", batch_size=cfg.eval_batch_size or cfg.batch_size,
                                  device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                                 criterion=self.criterion, progress=self.progress)
+                                 criterion=self.criterion, progress=self.progress, residual=cfg.residual)
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_loss_sum = 0.0
@@ -381,7 +414,7 @@ class Trainer:
             current = None
         test = evaluate_model(self.model, self.data, "test", batch_size=cfg.eval_batch_size or cfg.batch_size,
                               device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                              progress=self.progress)
+                              progress=self.progress, residual=cfg.residual)
         self.test_metrics = test
         # the naive forecasts on exactly the windows the model was tested on
         n_test = len(self.data.splits["test"])
@@ -500,7 +533,8 @@ class Trainer:
             return []  # plot_losses already said that matplotlib is missing
         steps = [s for s in (3, 12) if s <= self.data.out_steps]
         pred = plots.predict_split(self.model, self.data, "test", steps=steps, device=self.device,
-                                   batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test)
+                                   batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test,
+                                   residual=self.config.residual)
         minutes = int(self.data.extra.get("step_minutes", 5))
         return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps),
                 plots.plot_error_by_horizon(self.test_metrics, self.baselines, self._path("error_by_horizon.png"),
