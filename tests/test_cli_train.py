@@ -188,3 +188,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
     assert main(["train", "--resume", ck, "--no-progress"]) == 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["counters"]["batches_seen"] == 2 and len(m["history"]) == 1
+
+
+def test_bench_does_not_write_into_the_committed_results_by_default():
+    from himnet_fast.benchmark.cli import _config
+    from himnet_fast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--nodes", "16", "--device", "cpu"])
+    assert _config(args, "bench").out == "runs/bench/cpu"
+    args = build_parser().parse_args(["scale", "--nodes", "16,32", "--device", "cpu", "--out", "bench/results/cpu"])
+    assert _config(args, "scale").out == "bench/results/cpu"          # only when asked

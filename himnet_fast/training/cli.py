@@ -65,6 +65,7 @@ def add_subcommands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
     t.add_argument("--hidden-dim", type=int, help="override the preset's hidden size")
+    t.add_argument("--lr", type=float, help="override the preset's learning rate")
     t.add_argument("--tf-decay-steps", type=int, help="override the preset's teacher-forcing decay")
     t.add_argument("--patience", type=int, help="early-stopping patience (default 20)")
     t.add_argument("--save-every", type=int, help="also write checkpoint.pt every K batches")
@@ -254,7 +255,7 @@ def _train(args) -> int:
         data, source = _load_data(args, name)
         cfg = TrainConfig.from_preset(name, max_epochs=args.epochs, batch_size=args.batch_size,
                                       limit_batches=args.limit_batches, seed=args.seed, amp=args.amp or None,
-                                      hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps,
+                                      hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps, lr=args.lr,
                                       patience=args.patience, save_every=args.save_every, backend=args.backend,
                                       data_source=source)
         os.makedirs(out, exist_ok=True)
