@@ -198,3 +198,23 @@ def test_bench_does_not_write_into_the_committed_results_by_default():
     assert _config(args, "bench").out == "runs/bench/cpu"
     args = build_parser().parse_args(["scale", "--nodes", "16,32", "--device", "cpu", "--out", "bench/results/cpu"])
     assert _config(args, "scale").out == "bench/results/cpu"          # only when asked
+
+
+def test_train_and_evaluate_on_your_own_csv(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "speeds.csv"
+    np.savetxt(path, rng.uniform(20, 60, size=(300, 5)), delimiter=",", header="a,b,c,d,e", comments="")
+    out = str(tmp_path / "r")
+    assert main(["train", "--data", str(path), "--start-time", "2024-01-01 00:00", "--epochs", "1", "--out", out]
+                + TINY) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["config"]["dataset"] == "custom" and m["config"]["model"]["num_nodes"] == 5
+    assert m["config"]["data_source"]["data_path"] == str(path)
+    # evaluate reloads the same file from the checkpoint's data_source
+    assert main(["evaluate", "--checkpoint", os.path.join(out, "best.pt"), "--limit-batches", "1",
+                 "--no-progress"]) == 0
+    assert "custom: 300 steps x 5 nodes" in capsys.readouterr().out
+    assert main(["train", "--data", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x")]) == 2
+    _one_line_error(capsys, "no such file")
