@@ -158,11 +158,13 @@ setup(
     include_package_data=True,
     package_data={"himnet_fast": ["py.typed"], "himnet_fast.datasets": ["*.npz", "*.csv", "*.json"]},
     package_dir={"himnet_fast.kernels": "kernels"},
-    install_requires=["torch>=2.1", "numpy"],
+    # pandas: `himnet-fast bench` writes its results with it and `--data` reads CSV/Parquet/HDF5
+    install_requires=["torch>=2.1", "numpy", "pandas"],
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["pandas", "matplotlib", "pytest-benchmark"],
         "train": ["matplotlib", "tqdm"],
+        "data": ["pyarrow", "tables"],   # --data FILE.parquet / FILE.h5 (the DCRNN metr-la.h5 layout)
         # pybind11: tests/test_cuda_ext.py builds the CUDA extension with CMake (skips without it).
         # The test tools are pinned to the versions the suite was last run with (pytest 9.2
         # changed monkeypatch teardown; a new major can change collection or fixtures).

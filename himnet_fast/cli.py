@@ -41,7 +41,10 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="himnet-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="himnet-fast", description=__doc__.splitlines()[0],
+                                     epilog="A user error prints one line and exits with status 2; --debug "
+                                            "(anywhere on the line) shows its traceback.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends can run").set_defaults(func=_info)
     for name in _PLUGINS:
@@ -55,9 +58,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean the user asked for something that cannot be done (a missing file,
+    a wrong value, an unavailable device or backend, a missing optional package): reported in
+    one line with exit status 2. Anything else is a bug and keeps its traceback."""
+    errors = [OSError, ValueError, TypeError, ImportError]
+    for mod, name in (("himnet_fast.training.cli", "UserError"), ("himnet_fast._backend", "BackendUnavailableError")):
+        try:
+            errors.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the subcommand
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    args.debug = debug
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"himnet-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # raise SystemExit("message") in a handler: a user error too
+        if isinstance(exc.code, str) and not debug:
+            print(f"himnet-fast {args.command}: error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+    except _user_errors() as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"himnet-fast {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

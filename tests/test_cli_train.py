@@ -1,6 +1,8 @@
-"""``himnet-fast train`` / ``evaluate`` end to end on the bundled real sample (tiny settings)."""
+"""``himnet-fast train`` / ``evaluate`` end to end on the bundled data (tiny settings), and the
+CLI's behaviour on user mistakes, Ctrl-C and existing runs."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -26,13 +28,24 @@ def run(tmp_path_factory):
     return out
 
 
-def test_train_on_bundled_sample_writes_outputs(run, capsys):
-    assert sorted(os.listdir(run)) == ["best.pt", "checkpoint.pt", "loss_curve.png", "metrics.json"]
+def test_train_on_bundled_losloop_writes_outputs(run, capsys):
+    assert sorted(os.listdir(run)) == ["best.pt", "checkpoint.pt", "error_by_horizon.png", "forecast_vs_truth.png",
+                                       "loss_curve.png", "metrics.json"]
     m = json.load(open(os.path.join(run, "metrics.json")))
-    assert m["config"]["dataset"] == "PEMS08_SAMPLE" and m["config"]["model"]["hidden_dim"] == 8
-    assert m["config"]["model"]["tod_embedding_dim"] == 10                 # the PEMS08 preset
+    assert m["config"]["dataset"] == "LOSLOOP" and m["config"]["model"]["hidden_dim"] == 8
+    assert m["config"]["model"]["dow_embedding_dim"] == 2 and m["config"]["loss"] == "mae"   # the small preset
     assert len(m["history"]) == 1 and len(m["test"]["steps"]) == 12
-    assert "PEMS08_SAMPLE: 1282 steps x 170 nodes" in m["data"]
+    assert set(m["baselines"]) == {"last value", "historical average"}
+    assert "LOSLOOP: 2016 steps x 207 nodes" in m["data"]
+
+
+def test_train_prints_the_comparison_with_the_baselines(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", "--epochs", "1", "--out", out, "--dataset", "PEMS08_SAMPLE"] + TINY) == 0
+    txt = capsys.readouterr().out
+    for s in ("last value", "historical average", "15 min (3)", "60 min (12)", "the last value (MAE)"):
+        assert s in txt
+    assert json.load(open(os.path.join(out, "metrics.json")))["config"]["dataset"] == "PEMS08_SAMPLE"
 
 
 def test_resume_continues_the_run(run, capsys):
@@ -66,12 +79,12 @@ def test_evaluate_raw_original_state_dict(tmp_path, capsys):
                  "--batch-size", "4", "--no-progress"]) == 0
     assert "    all " in capsys.readouterr().out
     torch.save({"something": torch.zeros(2)}, str(tmp_path / "other.pt"))
-    with pytest.raises(SystemExit, match="neither a himnet_fast checkpoint nor a HimNet state_dict"):
-        main(["evaluate", "--checkpoint", str(tmp_path / "other.pt")])
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "other.pt")]) == 2
+    assert "neither a himnet_fast checkpoint nor a HimNet state_dict" in capsys.readouterr().err
     small = RefHimNet(7, hidden_dim=8)
     torch.save(small.state_dict(), str(tmp_path / "n7.pt"))
-    with pytest.raises(SystemExit, match="has 7 nodes but PEMS08_SAMPLE has 170"):
-        main(["evaluate", "--checkpoint", str(tmp_path / "n7.pt"), "--limit-batches", "1"])
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "n7.pt"), "--limit-batches", "1"]) == 2
+    assert "has 7 nodes but LOSLOOP has 207" in capsys.readouterr().err
 
 
 def test_train_synthetic(tmp_path, capsys):
@@ -98,3 +111,110 @@ def test_parser_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data-dir", "x", "--synthetic"])          # mutually exclusive
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "--dataset", "PEMS08", "--data-dir", "/nonexistent/dir"], "no such folder"),
+    (["train", "--dataset", "PEMS09"], "unknown dataset 'PEMS09'"),
+    (["train", "--dataset", "PEMS07"], "needs --data-dir"),
+    (["train", "--backend", "nope"], "--backend 'nope'"),
+    (["train", "--device", "tpu"], "expected cpu, cuda or cuda:K"),
+    (["train", "--resume", "/nonexistent/checkpoint.pt"], "no such checkpoint file"),
+    (["train", "--data", "/nonexistent.csv"], "no such file"),
+    (["train", "--graph", "a.csv"], "go with --data PATH"),
+    (["evaluate", "--checkpoint", "/nonexistent.pt"], "no such file"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "o")] if argv[0] == "train" else argv) == 2
+    _one_line_error(capsys, fragment, "himnet-fast " + argv[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_cuda_is_a_user_error(capsys, tmp_path):
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--device cuda", "use --device cpu")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        main(["train", "--dataset", "PEMS09", "--debug", "--out", str(tmp_path)])
+
+
+def test_existing_run_is_not_overwritten(run, tmp_path, capsys):
+    assert main(["train", "--out", run] + TINY) == 2
+    _one_line_error(capsys, "already holds a run", "--resume", "--overwrite")
+    new = str(tmp_path / "new")
+    # --resume into a folder that does not exist yet creates it and continues there
+    assert main(["train", "--resume", run, "--out", new, "--epochs", "3", "--limit-batches", "1",
+                 "--no-progress"]) == 0
+    m = json.load(open(os.path.join(new, "metrics.json")))
+    assert m["history"][-1]["epoch"] == 3 and os.path.isfile(os.path.join(new, "checkpoint.pt"))
+    assert main(["train", "--resume", run, "--out", new, "--epochs", "4", "--limit-batches", "1"]) == 2
+    _one_line_error(capsys, "already holds another run")
+    assert main(["train", "--out", new, "--overwrite", "--epochs", "1"] + TINY) == 0
+    assert len(json.load(open(os.path.join(new, "metrics.json")))["history"]) == 1
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
+    from himnet_fast.training.trainer import Trainer
+
+    orig = Trainer.train_batch
+    calls = []
+
+    def interrupted(self, positions):  # Ctrl-C arrives while the first batch is training
+        loss = orig(self, positions)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_batch", interrupted)
+    out = str(tmp_path / "r")
+    argv = ["train", "--epochs", "1", "--out", out, "--hidden-dim", "8", "--batch-size", "4", "--limit-batches", "2",
+            "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    ck = os.path.join(out, "checkpoint.pt")
+    assert f"himnet-fast train --resume {ck}" in err
+    state = torch.load(ck, weights_only=True)
+    assert state["counters"]["step_in_epoch"] == 1 and state["counters"]["batches_seen"] == 1
+    assert main(["train", "--resume", ck, "--no-progress"]) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["counters"]["batches_seen"] == 2 and len(m["history"]) == 1
+
+
+def test_bench_does_not_write_into_the_committed_results_by_default():
+    from himnet_fast.benchmark.cli import _config
+    from himnet_fast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--nodes", "16", "--device", "cpu"])
+    assert _config(args, "bench").out == "runs/bench/cpu"
+    args = build_parser().parse_args(["scale", "--nodes", "16,32", "--device", "cpu", "--out", "bench/results/cpu"])
+    assert _config(args, "scale").out == "bench/results/cpu"          # only when asked
+
+
+def test_train_and_evaluate_on_your_own_csv(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "speeds.csv"
+    np.savetxt(path, rng.uniform(20, 60, size=(300, 5)), delimiter=",", header="a,b,c,d,e", comments="")
+    out = str(tmp_path / "r")
+    assert main(["train", "--data", str(path), "--start-time", "2024-01-01 00:00", "--epochs", "1", "--out", out]
+                + TINY) == 0
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["config"]["dataset"] == "custom" and m["config"]["model"]["num_nodes"] == 5
+    assert m["config"]["data_source"]["data_path"] == str(path)
+    # evaluate reloads the same file from the checkpoint's data_source
+    assert main(["evaluate", "--checkpoint", os.path.join(out, "best.pt"), "--limit-batches", "1",
+                 "--no-progress"]) == 0
+    assert "custom: 300 steps x 5 nodes" in capsys.readouterr().out
+    assert main(["train", "--data", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x")]) == 2
+    _one_line_error(capsys, "no such file")

@@ -167,7 +167,7 @@ def test_bundled_sample_is_the_real_pems08_prefix():
     assert d.name == "PEMS08_SAMPLE" and d.num_nodes == 170
     assert [len(d.splits[k]) for k in ("train", "val", "test")] == [755, 252, 252]
     assert d.series[0, 0, 2] == 4                            # 2016-07-01 was a Friday
-    assert load_dataset().name == "PEMS08_SAMPLE"
+    assert load_dataset().name == "LOSLOOP"                    # the default since Los-loop is bundled
 
 
 def test_scaler_rejects_constant_signal():

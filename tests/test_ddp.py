@@ -59,7 +59,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert torch.equal(r0["params"][k], r1["params"][k]), k         # ranks stay in sync
     assert r0["batches_seen"] == r1["batches_seen"] == 2
     assert r0["test"] == r1["test"]                                       # metrics summed over ranks
-    assert sorted(os.listdir(tmp_path / "run")) == ["best.pt", "checkpoint.pt", "loss_curve.png", "metrics.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["best.pt", "checkpoint.pt", "error_by_horizon.png",
+                                                  "forecast_vs_truth.png", "loss_curve.png", "metrics.json"]
 
     single = Trainer(_data(), _cfg(8), progress=False, log=lambda m: None)
     initial = {k: v.clone() for k, v in single.model.state_dict().items()}

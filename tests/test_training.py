@@ -75,7 +75,10 @@ def test_masked_mae_ignores_zeros_and_rescales():
     assert loss_fn("huber")(x, y).item() == pytest.approx(F.huber_loss(x, y).item())
     assert loss_fn("MaskedMAELoss") is masked_mae_loss
     with pytest.raises(ValueError, match="unknown loss"):
-        loss_fn("mse")
+        loss_fn("mape")
+    # masked MSE (an option of the small presets): zeros in the truth are left out
+    p, t = torch.tensor([1.0, 5.0, 2.0]), torch.tensor([0.0, 3.0, 4.0])
+    assert loss_fn("mse")(p, t).item() == pytest.approx((4 + 4) / 2)
 
 
 def _original_metrics(y_true, y_pred):

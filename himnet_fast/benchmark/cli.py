@@ -26,7 +26,9 @@ def _common(p: argparse.ArgumentParser, default_what: str) -> None:
     p.add_argument("--modes", default="train,infer",
                    help="model modes: train (forward+backward) and/or infer (default both); "
                         "ops always run forward, backward and full")
-    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default runs/bench/<device>; the repository's committed bench/results/ "
+                        "is written only when named explicitly)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per job (default 3 on cpu, 20 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on cpu, 3 on cuda)")
     p.add_argument("--memory-limit-gb", type=float, default=None,
@@ -79,7 +81,7 @@ def _config(args, kind: str):
     return RunConfig(
         kind=kind, preset=preset.name, nodes=nodes, batch_size=args.batch_size, device=device,
         providers=providers, what=parse_list(args.what, "--what", _WHAT),
-        modes=parse_list(args.modes, "--modes", P.MODEL_MODES), out=args.out or f"bench/results/{device}",
+        modes=parse_list(args.modes, "--modes", P.MODEL_MODES), out=args.out or f"runs/{kind}/{device}",
         repeats=args.repeats if args.repeats is not None else (3 if cpu else 20),
         warmup=args.warmup if args.warmup is not None else (1 if cpu else 3),
         memory_limit_gb=args.memory_limit_gb, timeout_s=args.timeout_s, check=not args.no_check,
@@ -89,6 +91,12 @@ def _config(args, kind: str):
 
 
 def _run(args, kind: str) -> int:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        print(f"himnet-fast {kind}: error: needs pandas: pip install pandas (or the package's [bench] extra)",
+              file=sys.stderr)
+        return 2
     from .runner import execute
 
     try:

@@ -178,7 +178,11 @@ def execute(cfg: RunConfig, log=print) -> "object":
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df.to_csv(csv_path, index=False)
     md_path = report.write_markdown(df, os.path.join(cfg.out, cfg.stem + ".md"), cfg)
-    pngs = report.write_plots(df, cfg.out, cfg.stem)
+    try:
+        pngs = report.write_plots(df, cfg.out, cfg.stem)
+    except ImportError:  # a plain `pip install` has no matplotlib: keep the results, skip the plots
+        pngs = []
+        log("matplotlib not installed: no plots (pip install matplotlib, or the package's [bench] extra)")
     log(f"wrote {csv_path}, {md_path} and {len(pngs)} plots")
     return df
 

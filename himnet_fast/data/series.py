@@ -29,14 +29,21 @@ DATASET_INFO: Dict[str, dict] = {
     "PEMS07": dict(num_nodes=883, num_steps=28224, start="2017-05-01 00:00", split=(0.6, 0.2, 0.2)),
     "PEMS08": dict(num_nodes=170, num_steps=17856, start="2016-07-01 00:00", split=(0.6, 0.2, 0.2)),
     "PEMS08_SAMPLE": dict(num_nodes=170, num_steps=1282, start="2016-07-01 00:00", split=(0.6, 0.2, 0.2)),
+    # T-GCN protocol: "split" are step boundaries (train steps < 70%, validation 70-80%, test the
+    # last 20%), see split_windows_by_steps. Bundled (himnet_fast/datasets/losloop.npz).
+    "LOSLOOP": dict(num_nodes=207, num_steps=2016, start="2012-03-01 00:00", split=(0.7, 0.8), protocol="tgcn"),
 }
+
+# Horizons reported beside the overall metrics (steps of the 12 predicted): 15/30/45/60 min.
+REPORT_STEPS = (3, 6, 9, 12)
 
 
 def canonical_name(name: str) -> str:
     """'pems08', 'PEMS-08', 'metr-la' -> the DATASET_INFO key; unknown names raise ValueError."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
-    key = name.upper().replace("-", "").replace(" ", "")
+    key = name.upper().replace("-", "").replace(" ", "").replace("_", "")
+    key = {"PEMS08SAMPLE": "PEMS08_SAMPLE", "LOS": "LOSLOOP"}.get(key, key)
     if key not in DATASET_INFO:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_INFO)}")
     return key
@@ -199,6 +206,29 @@ def split_windows(num_steps: int, ratios: Sequence[float] = (0.6, 0.2, 0.2), in_
     return {"train": starts[:n_train], "val": starts[n_train:n_train + n_val], "test": starts[n_train + n_val:]}
 
 
+def split_windows_by_steps(num_steps: int, boundaries: Sequence[float] = (0.7, 0.8), in_steps: int = 12,
+                           out_steps: int = 12) -> Dict[str, np.ndarray]:
+    """The T-GCN protocol: split the *steps*, then take the windows that lie entirely in each part.
+
+    ``boundaries = (v, t)``: train steps ``[0, int(v·T))``, validation ``[int(v·T), int(t·T))``,
+    test ``[int(t·T), T)``. T-GCN trains on the first 80 % of the steps and tests on the last
+    20 % (``int(0.8·T)`` as its code); the validation part is carved from the end of its training
+    part. No window crosses a boundary, so no test target is ever an input of a training or
+    validation window. Returns stride-1 window start indices per split.
+    """
+    if (len(boundaries) != 2 or not 0 < boundaries[0] <= boundaries[1] < 1):
+        raise ValueError(f"boundaries must be two fractions 0 < v <= t < 1, got {tuple(boundaries)}")
+    cuts = [0, int(boundaries[0] * num_steps), int(boundaries[1] * num_steps), num_steps]
+    need = in_steps + out_steps
+    out = {}
+    for name, lo, hi in zip(SPLITS, cuts[:-1], cuts[1:]):
+        if hi - lo < need and not (name == "val" and hi == lo):
+            raise ValueError(f"the {name} part of a {num_steps}-step series has {hi - lo} steps [{lo}, {hi}); a "
+                             f"window needs {need} ({in_steps} in + {out_steps} out)")
+        out[name] = np.arange(lo, max(lo, hi - need + 1), dtype=np.int64)
+    return out
+
+
 def traffic_data(series: np.ndarray, starts: Mapping[str, np.ndarray], *, name: str = "custom",
                  in_steps: int = 12, out_steps: int = 12, source: str = "",
                  scaler: Optional[StandardScaler] = None) -> TrafficData:
@@ -303,21 +333,38 @@ def load_pems_npz(path: str, *, start="2016-07-01 00:00", step_minutes: int = 5,
 
 def from_signal(signal: np.ndarray, *, start="2016-07-01 00:00", step_minutes: int = 5,
                 ratios: Sequence[float] = (0.6, 0.2, 0.2), name: str = "custom", in_steps: int = 12,
-                out_steps: int = 12, source: str = "") -> TrafficData:
-    """A (T, N) signal -> TrafficData with derived time features and a chronological split."""
-    if signal.ndim != 2:
-        raise ValueError(f"signal must have shape (T, N), got {signal.shape}")
+                out_steps: int = 12, source: str = "", protocol: str = "himnet", tod=None, dow=None,
+                extra: Optional[dict] = None) -> TrafficData:
+    """A (T, N) signal -> TrafficData with derived time features and a chronological split.
+
+    ``protocol="himnet"``: ``ratios`` (train, val, test) of the windows (:func:`split_windows`).
+    ``protocol="tgcn"``: ``ratios`` = the two step boundaries (:func:`split_windows_by_steps`).
+    ``tod``/``dow`` (T,) override the features derived from ``start`` (real timestamps).
+    """
+    if not isinstance(signal, np.ndarray) or signal.ndim != 2:
+        raise ValueError(f"signal must be a numpy array of shape (T, N), got {getattr(signal, 'shape', type(signal))}")
     T, N = signal.shape
-    tod, dow = time_features(T, start, step_minutes)
+    if tod is None or dow is None:
+        tod, dow = time_features(T, start, step_minutes)
     series = np.empty((T, N, 3), dtype=np.float32)
     series[..., 0] = signal
-    series[..., 1] = tod[:, None]
-    series[..., 2] = dow[:, None]
-    return traffic_data(series, split_windows(T, ratios, in_steps, out_steps), name=name,
-                        in_steps=in_steps, out_steps=out_steps, source=source)
+    series[..., 1] = np.asarray(tod, dtype=np.float32)[:, None]
+    series[..., 2] = np.asarray(dow, dtype=np.float32)[:, None]
+    if protocol == "himnet":
+        starts = split_windows(T, ratios, in_steps, out_steps)
+    elif protocol == "tgcn":
+        starts = split_windows_by_steps(T, ratios, in_steps, out_steps)
+    else:
+        raise ValueError(f"protocol must be 'himnet' or 'tgcn', got {protocol!r}")
+    data = traffic_data(series, starts, name=name, in_steps=in_steps, out_steps=out_steps, source=source)
+    data.extra.update(extra or {}, protocol=protocol, step_minutes=step_minutes)
+    if protocol == "tgcn":
+        # T-GCN's training part (train + validation steps): the historical average is fitted on it
+        data.extra["fit_end"] = int(ratios[1] * T)
+    return data
 
 
-def load_dataset(name: str = "PEMS08_SAMPLE", data_dir: Optional[str] = None, *, synthetic: bool = False,
+def load_dataset(name: str = "LOSLOOP", data_dir: Optional[str] = None, *, synthetic: bool = False,
                  num_steps: Optional[int] = None, num_nodes: Optional[int] = None, seed: int = 0) -> TrafficData:
     """Resolve a dataset by name.
 
@@ -325,7 +372,7 @@ def load_dataset(name: str = "PEMS08_SAMPLE", data_dir: Optional[str] = None, *,
       start (``num_steps``/``num_nodes`` override the shape).
     * ``data_dir``: the HimNet format (``data.npz`` + ``index.npz``) in ``data_dir`` or
       ``data_dir/NAME``, else a raw ``NAME.npz`` (any case) in ``data_dir`` or ``data_dir/NAME``.
-    * neither: the bundled real PEMS08 sample (only for ``PEMS08_SAMPLE``).
+    * neither: the bundled real data (``LOSLOOP``, ``PEMS08_SAMPLE``).
     """
     key = canonical_name(name)
     info = DATASET_INFO[key]
@@ -335,12 +382,14 @@ def load_dataset(name: str = "PEMS08_SAMPLE", data_dir: Optional[str] = None, *,
         N = num_nodes or info["num_nodes"]
         sig = synthetic_traffic(T, N, seed=seed, start=info["start"])
         return from_signal(sig, start=info["start"], ratios=info["split"], name=f"{key}(synthetic {T}x{N})",
-                           source=f"synthetic seed {seed}")
+                           source=f"synthetic seed {seed}", protocol=info.get("protocol", "himnet"))
     if data_dir is None:
-        if key != "PEMS08_SAMPLE":
-            raise ValueError(f"dataset {key} needs --data-dir (or --synthetic); only PEMS08_SAMPLE is bundled")
-        from ..datasets import load_pems08_sample
-        return load_pems08_sample()
+        from .. import datasets
+        if key == "PEMS08_SAMPLE":
+            return datasets.load_pems08_sample()
+        if key == "LOSLOOP":
+            return datasets.load_losloop()
+        raise ValueError(f"dataset {key} needs --data-dir (or --synthetic); bundled: LOSLOOP, PEMS08_SAMPLE")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
     for d in (data_dir, os.path.join(data_dir, key), os.path.join(data_dir, name)):

@@ -31,13 +31,26 @@ class HimNet(nn.Module):
     * ``dense_graph``: True/False forces/forbids materialising the adaptive graphs; None
       decides by size (see :class:`~himnet_fast.ops.AdaptiveGraph`).
     * ``check_inputs``: validate time features on every call (one host sync); on by default.
+    * ``in_steps``: when set, ``x`` must have exactly this many steps (the history the model
+      was trained on; a shorter window would silently give a different forecast). None (the
+      default, as the original) accepts any length. :meth:`from_checkpoint` and the trainer
+      set it to 12.
+
+    float64 inputs are cast to the parameters' dtype (numpy data arrive as float64); other
+    dtypes must match the parameters (or run under ``torch.autocast``).
+
+    Load a run of ``himnet-fast train`` with ``HimNet.from_checkpoint("runs/LOSLOOP/best.pt")``.
     """
 
     def __init__(self, num_nodes, input_dim=3, output_dim=1, out_steps=12, hidden_dim=64, num_layers=1,
                  cheb_k=2, ycov_dim=2, tod_embedding_dim=8, dow_embedding_dim=8, node_embedding_dim=16,
                  st_embedding_dim=16, tf_decay_steps=4000, use_teacher_forcing=True, *,
-                 backend: Optional[str] = None, dense_graph: Optional[bool] = None, check_inputs: bool = True):
+                 backend: Optional[str] = None, dense_graph: Optional[bool] = None, check_inputs: bool = True,
+                 in_steps: Optional[int] = None):
         super().__init__()
+        if in_steps is not None and (not isinstance(in_steps, int) or in_steps < 1):
+            raise ValueError(f"in_steps must be a positive int or None, got {in_steps!r}")
+        self.in_steps = in_steps
         if input_dim < 3:
             raise ValueError(f"input_dim must be >= 3 (signal, time of day, day of week), got {input_dim}")
         self.num_nodes = num_nodes
@@ -71,6 +84,41 @@ class HimNet(nn.Module):
         self.node_embedding = nn.init.xavier_normal_(nn.Parameter(torch.empty(num_nodes, node_embedding_dim)))
         self.st_proj = nn.Linear(hidden_dim, st_embedding_dim)
 
+    @classmethod
+    def from_checkpoint(cls, path: str, *, map_location="cpu", backend: Optional[str] = None) -> "HimNet":
+        """Load a model saved by ``himnet-fast train`` (``best.pt``: the best validation model;
+        ``checkpoint.pt``: the latest) or a bare ``state_dict`` of the original HimNet (sizes
+        inferred from its shapes). Returns the model in eval mode, with ``in_steps`` = 12 and,
+        for a himnet_fast checkpoint, ``model.scaler`` (a
+        :class:`~himnet_fast.data.StandardScaler`: ``scaler.transform(raw)`` gives
+        ``x[..., 0]``) and ``model.checkpoint_info`` (dataset name, nodes, steps, scaler and
+        ``residual``: whether the output is the change from the last input step, as the
+        small CPU preset trains it). The raw-unit forecast is
+        ``himnet_fast.training.to_forecast(model(x, y_cov), x, model.scaler, info["residual"])``.
+        The file is read with ``weights_only=True``: it cannot run code.
+
+        >>> from himnet_fast.training import to_forecast                    # doctest: +SKIP
+        >>> model = HimNet.from_checkpoint("runs/LOSLOOP/best.pt")          # doctest: +SKIP
+        >>> y = to_forecast(model(x, y_cov), x, model.scaler, model.checkpoint_info["residual"])  # doctest: +SKIP
+        """
+        from ..data.series import StandardScaler
+        from ..training import checkpoint as ckpt
+
+        state = ckpt.load(path, map_location=map_location)
+        if ckpt.is_training_checkpoint(state):
+            config, weights, meta = dict(state["config"]["model"]), state["model"], dict(state["data"])
+            meta["residual"] = bool(state["config"].get("residual", False))
+        elif ckpt.is_raw_state_dict(state):
+            config, weights, meta = ckpt.infer_model_config(state), state, {"in_steps": 12, "residual": False}
+        else:
+            raise ValueError(f"{path}: neither a himnet_fast training checkpoint (best.pt / checkpoint.pt) nor a "
+                             f"state_dict of HimNet")
+        model = cls(**config, backend=backend, in_steps=int(meta.get("in_steps", 12)))
+        model.load_state_dict(weights, strict=True)
+        model.scaler = StandardScaler(meta["scaler_mean"], meta["scaler_std"]) if "scaler_mean" in meta else None
+        model.checkpoint_info = meta
+        return model.eval()
+
     def capture(self, batch_size: int, **kwargs):
         """Capture the whole inference forward for a fixed batch size as a CUDA graph.
 
@@ -86,6 +134,9 @@ class HimNet(nn.Module):
 
     def _validate(self, x, y_cov, labels, batches_seen):
         _check_4d("x", x, None, 1, self.num_nodes, self.input_dim, "T")
+        if self.in_steps is not None and x.shape[1] != self.in_steps:
+            raise ValueError(f"x must have in_steps={self.in_steps} time steps (the history this model was trained "
+                             f"on), got {x.shape[1]} (shape {tuple(x.shape)})")
         B = x.shape[0]
         _check_4d("y_cov", y_cov, B, self.out_steps, self.num_nodes, self.ycov_dim, "out_steps")
         teacher = self.training and self.use_teacher_forcing
@@ -120,6 +171,10 @@ class HimNet(nn.Module):
     def forward(self, x, y_cov, labels=None, batches_seen=None):
         """x (B, T, N, input_dim), y_cov (B, out_steps, N, ycov_dim),
         labels (B, out_steps, N, output_dim) -> (B, out_steps, N, output_dim)."""
+        pdtype = self.out_proj.weight.dtype
+        if pdtype != torch.float64:  # numpy arrays arrive as float64: cast rather than fail deep in a matmul
+            x, y_cov, labels = (t.to(pdtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t
+                                for t in (x, y_cov, labels))
         self._validate(x, y_cov, labels, batches_seen)
         t_emb = self.time_embedding(x)
 

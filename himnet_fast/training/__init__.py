@@ -4,12 +4,15 @@
 * :mod:`.trainer`: :class:`Trainer` (Adam, MultiStepLR, clipping, early stopping, teacher
   forcing by ``batches_seen``, optional bf16 autocast, DDP under torchrun) and
   :func:`evaluate_model`.
+* :mod:`.baselines`: last value and historical average, printed beside the model.
+* :mod:`.plots`: forecast vs truth and error by horizon (written at the end of training).
 * :mod:`.checkpoint`: atomic saves, RNG states as tensors, ``weights_only`` loading.
 * :mod:`.interpret`: the paper's §5.6 meta-parameter analysis (export, PCA, similarity).
 * :mod:`.cli`: the ``train`` and ``evaluate`` subcommands of ``himnet-fast``.
 """
 from .protocol import MetricAccumulator, get_preset, loss_fn, masked_mae_loss
-from .trainer import TrainConfig, Trainer, build_model, evaluate_model, seed_everything
+from .trainer import (TrainConfig, Trainer, TrainingInterrupted, build_model, evaluate_model, seed_everything,
+                      teacher_labels, to_forecast)
 
-__all__ = ["MetricAccumulator", "TrainConfig", "Trainer", "build_model", "evaluate_model", "get_preset",
-           "loss_fn", "masked_mae_loss", "seed_everything"]
+__all__ = ["MetricAccumulator", "TrainConfig", "Trainer", "TrainingInterrupted", "build_model", "evaluate_model",
+           "get_preset", "loss_fn", "masked_mae_loss", "seed_everything", "teacher_labels", "to_forecast"]

@@ -1,18 +1,19 @@
 """``himnet-fast train`` and ``himnet-fast evaluate``.
 
-    himnet-fast train                                   # real PEMS08 sample (bundled), CPU, minutes
+    himnet-fast train                                   # bundled Los-loop (real, complete), CPU, minutes
+    himnet-fast train --data my_speeds.csv [--graph adj.csv] [--start-time "2024-01-01 00:00" --interval 5]
     himnet-fast train --dataset PEMS08 --data-dir data/ --device cuda
     himnet-fast train --dataset PEMS07 --synthetic --steps 2000 --epochs 1
     torchrun --nproc_per_node 4 -m himnet_fast train --dataset PEMS07 --data-dir data/
-    himnet-fast train --resume runs/PEMS08_SAMPLE/checkpoint.pt
-    himnet-fast evaluate --checkpoint runs/PEMS08_SAMPLE/best.pt [--export-meta DIR]
+    himnet-fast train --resume runs/LOSLOOP/checkpoint.pt
+    himnet-fast evaluate --checkpoint runs/LOSLOOP/best.pt [--export-meta DIR]
     himnet-fast evaluate --checkpoint original_state_dict.pt --dataset PEMS08 --data-dir data/
 
 Heavy imports (torch, numpy) happen inside the handlers so ``himnet-fast info`` stays fast.
 """
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (used in annotations)
 import json
 import os
 import sys
@@ -20,12 +21,22 @@ import sys
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--dataset", default=dataset_default,
-                   help="METRLA, PEMSBAY, PEMS03, PEMS04, PEMS07, PEMS08 or PEMS08_SAMPLE (the bundled real "
-                        "sample, the default)")
+                   help="LOSLOOP (bundled, the default: complete real Los-loop, T-GCN protocol), PEMS08_SAMPLE "
+                        "(bundled), or METRLA, PEMSBAY, PEMS03, PEMS04, PEMS07, PEMS08 with --data-dir")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-dir", help="folder with data.npz + index.npz (HimNet format) or NAME.npz (raw PEMS), "
                                         "directly or in a NAME/ subfolder")
     src.add_argument("--synthetic", action="store_true", help="synthetic traffic of the dataset's shape")
+    src.add_argument("--data", metavar="PATH",
+                     help="your own T x N series (one column per sensor): .csv, .parquet, .npy, .npz or .h5 "
+                          "(DCRNN metr-la.h5 layout); optional timestamp column; NaN or 0 = missing (masked)")
+    p.add_argument("--graph", metavar="PATH", help="--data: optional N x N graph (CSV or .npy), checked and kept")
+    p.add_argument("--start-time", help="--data without timestamps: time of the first step, 'YYYY-MM-DD HH:MM' "
+                                        "(default 2000-01-03 00:00, a Monday)")
+    p.add_argument("--interval", type=int, help="--data without timestamps: minutes between steps (default 5)")
+    p.add_argument("--protocol", choices=("tgcn", "himnet"),
+                   help="--data: tgcn (default: train on the first 70%% of steps, validate on the next 10%%, test "
+                        "on the last 20%%) or himnet (windows split 7:1:2)")
     p.add_argument("--steps", type=int, help="synthetic: number of 5-minute steps (default: the dataset's)")
     p.add_argument("--nodes", type=int, help="synthetic: number of sensors (default: the dataset's)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
@@ -34,6 +45,10 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", help="himnet_fast backend: auto, torch, triton, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: 1 for LOSLOOP, PEMS08_SAMPLE and --data, whose small "
+                        "models gain little from more and lose several times on a busy machine; else torch's)")
 
 
 def add_subcommands(sub) -> None:
@@ -43,11 +58,14 @@ def add_subcommands(sub) -> None:
                                    "OUT/metrics.json and OUT/loss_curve.png. Under torchrun: DDP.")
     _add_data_args(t, None)
     t.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's; 200 for the benchmarks)")
-    t.add_argument("--out", help="output folder (default: runs/DATASET)")
-    t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt)")
+    t.add_argument("--out", help="output folder (default: runs/DATASET); an existing run is not overwritten "
+                                 "unless --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
+    t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt, or its folder)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
     t.add_argument("--hidden-dim", type=int, help="override the preset's hidden size")
+    t.add_argument("--lr", type=float, help="override the preset's learning rate")
     t.add_argument("--tf-decay-steps", type=int, help="override the preset's teacher-forcing decay")
     t.add_argument("--patience", type=int, help="early-stopping patience (default 20)")
     t.add_argument("--save-every", type=int, help="also write checkpoint.pt every K batches")
@@ -64,12 +82,46 @@ def add_subcommands(sub) -> None:
     e.set_defaults(func=_evaluate)
 
 
+class UserError(Exception):
+    """A mistake in the command line or the files it names: reported in one line, exit status 2."""
+
+
 def _device(arg):
     import torch
 
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not arg:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise UserError(f"--device {arg!r}: expected cpu, cuda or cuda:K") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if not torch.version.cuda else "no CUDA device is visible"
+            raise UserError(f"--device {arg}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {arg}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {arg!r}: expected cpu, cuda or cuda:K")
+    return device
+
+
+def _check_backend(name, device):
+    """Fail now, in one line, rather than at the first op of the first batch."""
+    if name is None:
+        return
+    from .. import _backend
+
+    try:
+        b = _backend.normalize_backend(name)
+    except ValueError as exc:
+        raise UserError(f"--backend {name!r}: {exc}") from None
+    if b is not None and b not in _backend.available_backends(device):
+        report = _backend.backend_report() if device.type == ("cuda" if __import__("torch").cuda.is_available()
+                                                              else "cpu") else {}
+        why = report.get(b, f"not available on {device}")
+        raise UserError(f"--backend {name}: cannot run on {device}: {why} "
+                        f"(available: {', '.join(_backend.available_backends(device))})")
 
 
 def _init_distributed(device_arg):
@@ -89,13 +141,78 @@ def _init_distributed(device_arg):
 
 
 def _load_data(args, name, source=None):
+    """(TrafficData, source dict stored in the checkpoint to load the same data again)."""
     from ..data.series import load_dataset
 
     source = dict(source or {})
-    if args.data_dir or args.synthetic:  # flags win over what a checkpoint remembers
+    if args.data:
+        source = {"data_path": os.path.abspath(args.data), "graph": args.graph and os.path.abspath(args.graph),
+                  "start": args.start_time, "interval_minutes": args.interval, "protocol": args.protocol or "tgcn"}
+    elif args.data_dir or args.synthetic:  # flags win over what a checkpoint remembers
         source = {"data_dir": args.data_dir, "synthetic": bool(args.synthetic), "num_steps": args.steps,
                   "num_nodes": args.nodes, "seed": args.data_seed}
+    elif args.graph or args.start_time or args.interval or args.protocol:
+        raise UserError("--graph, --start-time, --interval and --protocol go with --data PATH")
+    if "data_path" in source:
+        from ..data.files import load_series_file
+        if not os.path.exists(source["data_path"]):
+            raise UserError(f"--data {source['data_path']}: no such file")
+        return load_series_file(source["data_path"], start=source.get("start"),
+                                interval_minutes=source.get("interval_minutes"), graph=source.get("graph"),
+                                protocol=source.get("protocol", "tgcn")), source
+    if source.get("data_dir") and not os.path.isdir(source["data_dir"]):
+        raise UserError(f"--data-dir {source['data_dir']}: no such folder")
     return load_dataset(name, **source), source
+
+
+def _existing_run(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("checkpoint.pt", "best.pt", "metrics.json"))
+
+
+def _resume_path(arg: str) -> str:
+    path = os.path.join(arg, "checkpoint.pt") if os.path.isdir(arg) else arg
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {arg}: no such checkpoint file")
+    return path
+
+
+def _print_comparison(summary, data) -> None:
+    from ..data.series import REPORT_STEPS
+    from .baselines import format_comparison
+
+    print(f"test, masked metrics{' (' + data.extra['units'] + ')' if data.extra.get('units') else ''}; "
+          f"baselines on the same windows:")
+    print(format_comparison(summary["test"], summary["baselines"], steps=REPORT_STEPS,
+                            step_minutes=int(data.extra.get("step_minutes", 5))))
+
+
+def _set_threads(args, device) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and (args.data or (args.dataset or "LOSLOOP").upper().replace("-", "").replace("_", "")
+                                   in ("LOSLOOP", "PEMS08SAMPLE")) and not getattr(args, "resume", None):
+        torch.set_num_threads(1)
+
+
+def _canonical(name: str) -> str:
+    from ..data.series import canonical_name
+
+    try:
+        return canonical_name(name)
+    except ValueError as exc:
+        raise UserError(f"--dataset: {exc}") from None
+
+
+def build_trainer(data, config, **kwargs):
+    """The one place the CLI builds a model and its trainer (``config.model`` holds the
+    HimNet constructor arguments); a model choice plugs in here."""
+    from .trainer import Trainer
+
+    return Trainer(data, config, **kwargs)
 
 
 def _train(args) -> int:
@@ -103,40 +220,60 @@ def _train(args) -> int:
 
     from ..training.trainer import TrainConfig, Trainer
 
+    from .trainer import TrainingInterrupted
+
     device = _init_distributed(args.device)
+    _check_backend(args.backend, device)
+    _set_threads(args, device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     log = print if rank == 0 else (lambda msg: None)
     progress = not args.no_progress
     if args.resume:
         from . import checkpoint as ckpt
-        state = ckpt.load(args.resume)
-        if not ckpt.is_training_checkpoint(state):
-            raise SystemExit(f"--resume {args.resume}: not a himnet_fast training checkpoint")
+        path = _resume_path(args.resume)
+        state = ckpt.load(path)
+        if not ckpt.is_training_checkpoint(state) or state.get("kind") != "latest":
+            raise UserError(f"--resume {path}: not a resumable himnet_fast training checkpoint (checkpoint.pt)")
         cfg = state["config"]
         data, _ = _load_data(args, args.dataset or cfg["dataset"], cfg.get("data_source"))
-        out = args.out or os.path.dirname(os.path.abspath(args.resume))
-        trainer = Trainer.resume(args.resume, data, device=device, out_dir=out, progress=progress, log=log,
+        out = args.out or os.path.dirname(os.path.abspath(path))
+        same = os.path.abspath(out) == os.path.dirname(os.path.abspath(path))
+        if not same and _existing_run(out) and not args.overwrite:
+            raise UserError(f"--out {out} already holds another run; pick a new folder or add --overwrite")
+        os.makedirs(out, exist_ok=True)
+        trainer = Trainer.resume(path, data, device=device, out_dir=out, progress=progress, log=log,
                                  max_epochs=args.epochs, patience=args.patience, limit_batches=args.limit_batches,
                                  save_every=args.save_every)
-        log(f"resumed {args.resume}: epoch {trainer.epoch}, batch {trainer.step_in_epoch} of the next epoch, "
+        log(f"resumed {path}: epoch {trainer.epoch}, batch {trainer.step_in_epoch} of the next epoch, "
             f"{trainer.batches_seen} batches seen")
     else:
-        name = args.dataset or "PEMS08_SAMPLE"
+        name = "custom" if args.data else (args.dataset or "LOSLOOP")
+        out = args.out or os.path.join("runs", "custom" if args.data else _canonical(name))
+        if _existing_run(out) and not args.overwrite:
+            raise UserError(f"--out {out} already holds a run: continue it with --resume "
+                            f"{os.path.join(out, 'checkpoint.pt')}, replace it with --overwrite, or pick another --out")
         data, source = _load_data(args, name)
         cfg = TrainConfig.from_preset(name, max_epochs=args.epochs, batch_size=args.batch_size,
                                       limit_batches=args.limit_batches, seed=args.seed, amp=args.amp or None,
-                                      hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps,
+                                      hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps, lr=args.lr,
                                       patience=args.patience, save_every=args.save_every, backend=args.backend,
                                       data_source=source)
-        out = args.out or os.path.join("runs", data.name.split("(")[0])
-        trainer = Trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
+        os.makedirs(out, exist_ok=True)
+        trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
-    log(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters {trainer.config.model}; "
-        f"device {device}; {trainer.world} process(es); output {out}")
-    summary = trainer.fit()
+    log(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters {trainer.config.model}"
+        f"{' (predicts the change from the last input step)' if trainer.config.residual else ''}; "
+        f"device {device}, {torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
+    try:
+        summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        if rank == 0:
+            print(f"interrupted: the run is saved in {exc.path}; continue it with\n"
+                  f"  himnet-fast train --resume {exc.path}", file=sys.stderr)
+        return 130
     if rank == 0 and summary.get("test"):
-        from .protocol import format_metrics
-        print(format_metrics(summary["test"]))
+        _print_comparison(summary, data)
+        print(f"outputs in {out}: best.pt, checkpoint.pt, metrics.json and plots (*.png)")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -150,6 +287,10 @@ def _evaluate(args) -> int:
     from .trainer import build_model, evaluate_model
 
     device = _device(args.device)
+    _check_backend(args.backend, device)
+    _set_threads(args, device)
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     state = ckpt.load(args.checkpoint)
     if ckpt.is_training_checkpoint(state):
         cfg = state["config"]
@@ -157,6 +298,7 @@ def _evaluate(args) -> int:
         data, _ = _load_data(args, name, cfg.get("data_source"))
         model_cfg = dict(cfg["model"])
         weights = state["model"]
+        residual = bool(cfg.get("residual", False))
         batch = args.batch_size or cfg.get("eval_batch_size") or cfg["batch_size"]
         meta = state["data"]
         if abs(meta["scaler_mean"] - data.scaler.mean) > 1e-4 * max(1.0, abs(meta["scaler_mean"])):
@@ -165,21 +307,30 @@ def _evaluate(args) -> int:
     elif ckpt.is_raw_state_dict(state):
         # The original code saves a bare state_dict: the sizes come from its shapes, the data from flags.
         model_cfg = ckpt.infer_model_config(state)
-        name = args.dataset or "PEMS08_SAMPLE"
+        name = args.dataset or "LOSLOOP"
         data, _ = _load_data(args, name)
         weights = state
+        residual = False
         batch = args.batch_size or 16
     else:
-        raise SystemExit(f"{args.checkpoint}: neither a himnet_fast checkpoint nor a HimNet state_dict")
+        raise UserError(f"{args.checkpoint}: neither a himnet_fast checkpoint nor a HimNet state_dict")
     if model_cfg["num_nodes"] != data.num_nodes:
-        raise SystemExit(f"{args.checkpoint} has {model_cfg['num_nodes']} nodes but {data.name} has {data.num_nodes}")
+        raise UserError(f"{args.checkpoint} has {model_cfg['num_nodes']} nodes but {data.name} has {data.num_nodes}")
     model = build_model(model_cfg, args.backend).to(device)
     model.load_state_dict(weights, strict=True)
     print(data.describe())
     metrics = evaluate_model(model, data, args.split, batch_size=batch, device=device, limit_batches=args.limit_batches,
+                             residual=residual,
                              progress=not args.no_progress)
     print(f"{args.split} split, masked metrics (entries with true value 0 ignored):")
     print(format_metrics(metrics))
+    from .baselines import baseline_metrics, format_comparison
+    from ..data.series import REPORT_STEPS
+    n = len(data.splits[args.split]) if not args.limit_batches else min(len(data.splits[args.split]),
+                                                                        args.limit_batches * batch)
+    print("beside the baselines (same windows):")
+    print(format_comparison(metrics, baseline_metrics(data, args.split, max_windows=n), steps=REPORT_STEPS,
+                            step_minutes=int(data.extra.get("step_minutes", 5))))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=1)

@@ -19,7 +19,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +33,7 @@ import torch
 from ..data.sampler import BatchOrder
 from ..data.series import TrafficData
 from . import checkpoint as ckpt
+from .baselines import baseline_metrics
 from .protocol import MetricAccumulator, get_preset, loss_fn, model_kwargs
 
 
@@ -57,6 +60,7 @@ class TrainConfig:
     limit_batches: Optional[int] = None         # per epoch, for train, val and test (smoke runs)
     save_every: Optional[int] = None            # also write checkpoint.pt every k batches
     backend: Optional[str] = None
+    residual: bool = False                      # the model predicts the change from the last input step
 
     @classmethod
     def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
@@ -66,7 +70,8 @@ class TrainConfig:
         model = model_kwargs(p)
         cfg = cls(dataset=dataset, model=model, max_epochs=p["max_epochs"], batch_size=p["batch_size"],
                   lr=p["lr"], eps=p["eps"], weight_decay=p["weight_decay"], milestones=list(p["milestones"]),
-                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"])
+                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"],
+                  residual=bool(p.get("residual", False)))
         names = {f.name for f in fields(cls)}
         for k, v in overrides.items():
             if v is None:
@@ -88,16 +93,41 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def to_forecast(out: torch.Tensor, x: torch.Tensor, scaler, residual: bool = False) -> torch.Tensor:
+    """Raw-unit forecast (B, T_out, N, 1) from the model's output ``out`` (same shape) and its
+    input ``x`` (B, T_in, N, C) with ``x[..., 0]`` scaled.
+
+    ``residual=False`` (the paper): ``out`` is the scaled signal. ``residual=True`` (the small
+    CPU preset): ``out`` is the change from the last input step in units of the scaler's std,
+    so an untrained model starts from the last-value forecast and a few minutes of training
+    improve on it instead of first having to learn to copy its input.
+    """
+    if not residual:
+        return scaler.inverse_transform(out.float())
+    last = scaler.inverse_transform(x[:, -1, :, :1].float())          # (B, N, 1)
+    return last[:, None] + out.float() * scaler.std
+
+
+def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
+    """What the decoder is fed under teacher forcing: the targets in the model's output units."""
+    if not residual:
+        return batch.labels
+    last = scaler.inverse_transform(batch.x[:, -1, :, :1].float())
+    return (batch.target - last[:, None]) / scaler.std
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # teacher forcing draws from numpy's global RNG
     torch.manual_seed(seed)
 
 
-def build_model(model_config: dict, backend: Optional[str] = None):
+def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Optional[int] = 12):
+    """The model of a run from ``config.model`` (HimNet constructor arguments); it accepts
+    inputs of ``in_steps`` steps only (the windows it is trained on)."""
     from ..nn.himnet import HimNet
 
-    return HimNet(**model_config, backend=backend)
+    return HimNet(**model_config, backend=backend, in_steps=in_steps)
 
 
 def _dist_info():
@@ -141,7 +171,7 @@ class _Progress:
 @torch.no_grad()
 def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size: int = 16, device="cpu",
                    limit_batches: Optional[int] = None, amp: bool = False, criterion: Optional[Callable] = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, residual: bool = False) -> dict:
     """Masked MAE/RMSE/MAPE of ``model`` on a split, per horizon step and overall (raw units).
 
     Shards the windows over the ranks of an initialised process group (without padding, so
@@ -161,7 +191,7 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
         b = data.batch(split, pos).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b.x, b.y_cov)
-        pred = data.scaler.inverse_transform(out.float())
+        pred = to_forecast(out, b.x, data.scaler, residual)
         acc.update(pred, b.target)
         if criterion is not None:
             loss_sum[0] += float(criterion(pred, b.target))
@@ -177,6 +207,43 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
     if criterion is not None:
         result["loss"] = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else math.nan
     return result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`: the run was saved to ``path`` (None when the trainer
+    has no ``out_dir``) after the last completed batch and can be resumed from it."""
+
+    def __init__(self, path: Optional[str]):
+        super().__init__(path)
+        self.path = path
+
+
+class _DeferSigint:
+    """Turns the first SIGINT into a flag checked between batches, so the saved checkpoint is
+    never one with a half-applied optimizer step; a second Ctrl-C interrupts at once. Only the
+    main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nCtrl-C: saving a checkpoint after this batch (press again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 class Trainer:
@@ -200,7 +267,15 @@ class Trainer:
                      f"using {data.num_nodes}")
         config.model["num_nodes"] = data.num_nodes
         seed_everything(config.seed)
-        self.model = (model if model is not None else build_model(config.model, config.backend)).to(self.device)
+        if model is None:
+            model = build_model(config.model, config.backend, data.in_steps)
+            if config.residual and isinstance(getattr(model, "out_proj", None), torch.nn.Linear):
+                # a zero output layer makes the untrained model exactly the last-value forecast,
+                # so training starts from that baseline instead of from random changes
+                with torch.no_grad():
+                    model.out_proj.weight.zero_()
+                    model.out_proj.bias.zero_()
+        self.model = model.to(self.device)
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -237,8 +312,8 @@ class Trainer:
     def train_batch(self, positions: np.ndarray) -> float:
         b = self.data.batch("train", positions).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            out = self.net(b.x, b.y_cov, b.labels, self.batches_seen)
-        pred = self.data.scaler.inverse_transform(out.float())
+            out = self.net(b.x, b.y_cov, teacher_labels(b, self.data.scaler, self.config.residual), self.batches_seen)
+        pred = to_forecast(out, b.x, self.data.scaler, self.config.residual)
         loss = self.criterion(pred, b.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,6 +330,16 @@ class Trainer:
         (writing checkpoint.pt first), as a kill would between two saves; for tests and for
         time-boxed jobs. Returns the partial summary in that case.
         """
+        with _DeferSigint() as sigint:
+            summary = self._fit(stop_after_batches, sigint)
+        if summary is None:
+            self.save_checkpoint()
+            self.write_metrics()
+            raise TrainingInterrupted(self._path("checkpoint.pt"))
+        return summary
+
+    def _fit(self, stop_after_batches, sigint) -> Optional[dict]:
+        """The loop of :meth:`fit`; None when interrupted by Ctrl-C (state consistent)."""
         cfg = self.config
         self.model.train()
         done_now = 0
@@ -274,6 +359,9 @@ class Trainer:
                     bar.close()
                     self.save_checkpoint()
                     return self.summary()
+                if sigint.hit:
+                    bar.close()
+                    return None
             bar.close()
             train_loss = self.epoch_loss_sum / max(1, n_batches)
             if self.world > 1:  # the mean over ranks, so every rank logs and stores the same history
@@ -289,7 +377,7 @@ class Trainer:
             t_train = time.perf_counter() - t0
             val = evaluate_model(self.model, self.data, "val", batch_size=cfg.eval_batch_size or cfg.batch_size,
                                  device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                                 criterion=self.criterion, progress=self.progress)
+                                 criterion=self.criterion, progress=self.progress, residual=cfg.residual)
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_loss_sum = 0.0
@@ -310,6 +398,8 @@ class Trainer:
                 self.save_best()
             self.save_checkpoint()
             self.write_metrics()
+            if sigint.hit:
+                return None
         if self.stopped_early:
             self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
         return self.finish()
@@ -324,14 +414,20 @@ class Trainer:
             current = None
         test = evaluate_model(self.model, self.data, "test", batch_size=cfg.eval_batch_size or cfg.batch_size,
                               device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                              progress=self.progress)
-        if current is not None:
-            self.model.load_state_dict(current)
+                              progress=self.progress, residual=cfg.residual)
         self.test_metrics = test
+        # the naive forecasts on exactly the windows the model was tested on
+        n_test = len(self.data.splits["test"])
+        if cfg.limit_batches:
+            n_test = min(n_test, cfg.limit_batches * (cfg.eval_batch_size or cfg.batch_size))
+        self.baselines = baseline_metrics(self.data, "test", max_windows=n_test)
         self.log(f"test (best epoch {self.best_epoch}): MAE {test['overall']['MAE']:.3f}  "
                  f"RMSE {test['overall']['RMSE']:.3f}  MAPE {test['overall']['MAPE']:.2f}%")
         self.write_metrics()
         self.plot_losses()
+        self.plot_results(n_test)
+        if current is not None:
+            self.model.load_state_dict(current)
         return self.summary()
 
     # ------------------------------------------------------------------ state
@@ -414,6 +510,7 @@ class Trainer:
     def summary(self) -> dict:
         return {"config": self.config.to_dict(), "data": self.data.describe(), "counters": self.counters(),
                 "history": self.history, "test": getattr(self, "test_metrics", None),
+                "baselines": getattr(self, "baselines", None),
                 "num_parameters": sum(p.numel() for p in self.model.parameters())}
 
     def write_metrics(self) -> None:
@@ -427,6 +524,22 @@ class Trainer:
             json.dump(s, f, indent=1, allow_nan=True)
         os.replace(tmp, path)
 
+    def plot_results(self, n_test: int) -> list:
+        """forecast_vs_truth.png and error_by_horizon.png (best model, test part); needs matplotlib."""
+        if self.out_dir is None or self.rank != 0 or not getattr(self, "baselines", None):
+            return []
+        from . import plots
+        if plots._pyplot() is None:
+            return []  # plot_losses already said that matplotlib is missing
+        steps = [s for s in (3, 12) if s <= self.data.out_steps]
+        pred = plots.predict_split(self.model, self.data, "test", steps=steps, device=self.device,
+                                   batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test,
+                                   residual=self.config.residual)
+        minutes = int(self.data.extra.get("step_minutes", 5))
+        return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps),
+                plots.plot_error_by_horizon(self.test_metrics, self.baselines, self._path("error_by_horizon.png"),
+                                            step_minutes=minutes, dataset=self.data.name)]
+
     def plot_losses(self) -> Optional[str]:
         path = self._path("loss_curve.png")
         if path is None or self.rank != 0 or not self.history:
@@ -436,7 +549,8 @@ class Trainer:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            self.log("matplotlib not installed: no loss curve")
+            self.log("matplotlib not installed: no plots (loss curve, forecasts, error by horizon); "
+                     "pip install matplotlib, or the package's [train] extra")
             return None
         ep = [h["epoch"] for h in self.history]
         fig, ax = plt.subplots(figsize=(6, 4))
