@@ -218,3 +218,18 @@ def test_train_and_evaluate_on_your_own_csv(tmp_path, capsys):
     assert "custom: 300 steps x 5 nodes" in capsys.readouterr().out
     assert main(["train", "--data", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x")]) == 2
     _one_line_error(capsys, "no such file")
+
+
+@pytest.mark.parametrize("name,label", [("agcrn", "AGCRN"), ("hyperst-lstm-d", "HyperST-LSTM-D")])
+def test_train_and_evaluate_another_model(tmp_path, capsys, name, label):
+    """--model trains a model of himnet_fast.models through the same pipeline (Los-loop, its
+    coordinates and graph for HyperST's attributes); evaluate rebuilds it from the checkpoint."""
+    out = tmp_path / name
+    assert main(["train", "--model", name, "--epochs", "1", "--limit-batches", "2", "--hidden-dim", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert label in text and "last value" in text
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert state["config"]["architecture"] == name
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--limit-batches", "1", "--no-progress"]) == 0
+    assert label in capsys.readouterr().out

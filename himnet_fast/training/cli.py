@@ -64,6 +64,10 @@ def add_subcommands(sub) -> None:
     t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt, or its folder)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
+    t.add_argument("--model", default="himnet", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d",
+                                                         "hyperst-gcgru"),
+                   help="which forecaster to train (default himnet; the others are in himnet_fast.models and "
+                        "use the signal channel; the HyperST models need sensor coordinates and a graph)")
     t.add_argument("--hidden-dim", type=int, help="override the preset's hidden size")
     t.add_argument("--lr", type=float, help="override the preset's learning rate")
     t.add_argument("--tf-decay-steps", type=int, help="override the preset's teacher-forcing decay")
@@ -176,14 +180,15 @@ def _resume_path(arg: str) -> str:
     return path
 
 
-def _print_comparison(summary, data) -> None:
+def _print_comparison(summary, data, architecture: str = "himnet") -> None:
     from ..data.series import REPORT_STEPS
     from .baselines import format_comparison
+    from .trainer import model_label
 
     print(f"test, masked metrics{' (' + data.extra['units'] + ')' if data.extra.get('units') else ''}; "
           f"baselines on the same windows:")
     print(format_comparison(summary["test"], summary["baselines"], steps=REPORT_STEPS,
-                            step_minutes=int(data.extra.get("step_minutes", 5))))
+                            step_minutes=int(data.extra.get("step_minutes", 5)), model_name=model_label(architecture)))
 
 
 def _set_threads(args, device) -> None:
@@ -212,7 +217,10 @@ def build_trainer(data, config, **kwargs):
     HimNet constructor arguments); a model choice plugs in here."""
     from .trainer import Trainer
 
-    return Trainer(data, config, **kwargs)
+    try:
+        return Trainer(data, config, **kwargs)
+    except ValueError as exc:   # a model that cannot be built for this data (e.g. no coordinates)
+        raise UserError(str(exc)) from exc
 
 
 def _train(args) -> int:
@@ -257,7 +265,7 @@ def _train(args) -> int:
                                       limit_batches=args.limit_batches, seed=args.seed, amp=args.amp or None,
                                       hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps, lr=args.lr,
                                       patience=args.patience, save_every=args.save_every, backend=args.backend,
-                                      data_source=source)
+                                      data_source=source, architecture=args.model)
         os.makedirs(out, exist_ok=True)
         trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
@@ -272,7 +280,7 @@ def _train(args) -> int:
                   f"  himnet-fast train --resume {exc.path}", file=sys.stderr)
         return 130
     if rank == 0 and summary.get("test"):
-        _print_comparison(summary, data)
+        _print_comparison(summary, data, trainer.config.architecture)
         print(f"outputs in {out}: best.pt, checkpoint.pt, metrics.json and plots (*.png)")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -284,7 +292,7 @@ def _evaluate(args) -> int:
 
     from . import checkpoint as ckpt
     from .protocol import format_metrics
-    from .trainer import build_model, evaluate_model
+    from .trainer import build_model, evaluate_model, model_label
 
     device = _device(args.device)
     _check_backend(args.backend, device)
@@ -297,6 +305,7 @@ def _evaluate(args) -> int:
         name = args.dataset or cfg["dataset"]
         data, _ = _load_data(args, name, cfg.get("data_source"))
         model_cfg = dict(cfg["model"])
+        architecture = cfg.get("architecture", "himnet")
         weights = state["model"]
         residual = bool(cfg.get("residual", False))
         batch = args.batch_size or cfg.get("eval_batch_size") or cfg["batch_size"]
@@ -310,13 +319,17 @@ def _evaluate(args) -> int:
         name = args.dataset or "LOSLOOP"
         data, _ = _load_data(args, name)
         weights = state
+        architecture = "himnet"
         residual = False
         batch = args.batch_size or 16
     else:
         raise UserError(f"{args.checkpoint}: neither a himnet_fast checkpoint nor a HimNet state_dict")
     if model_cfg["num_nodes"] != data.num_nodes:
         raise UserError(f"{args.checkpoint} has {model_cfg['num_nodes']} nodes but {data.name} has {data.num_nodes}")
-    model = build_model(model_cfg, args.backend).to(device)
+    try:
+        model = build_model(model_cfg, args.backend, architecture=architecture, data=data).to(device)
+    except ValueError as exc:
+        raise UserError(f"{args.checkpoint}: {exc}") from exc
     model.load_state_dict(weights, strict=True)
     print(data.describe())
     metrics = evaluate_model(model, data, args.split, batch_size=batch, device=device, limit_batches=args.limit_batches,
@@ -330,7 +343,7 @@ def _evaluate(args) -> int:
                                                                         args.limit_batches * batch)
     print("beside the baselines (same windows):")
     print(format_comparison(metrics, baseline_metrics(data, args.split, max_windows=n), steps=REPORT_STEPS,
-                            step_minutes=int(data.extra.get("step_minutes", 5))))
+                            step_minutes=int(data.extra.get("step_minutes", 5)), model_name=model_label(architecture)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=1)

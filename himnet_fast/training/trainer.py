@@ -61,6 +61,7 @@ class TrainConfig:
     save_every: Optional[int] = None            # also write checkpoint.pt every k batches
     backend: Optional[str] = None
     residual: bool = False                      # the model predicts the change from the last input step
+    architecture: str = "himnet"                # or a name of himnet_fast.models.MODEL_NAMES
 
     @classmethod
     def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
@@ -116,18 +117,48 @@ def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
     return (batch.target - last[:, None]) / scaler.std
 
 
+MODEL_LABELS = {"himnet": "HimNet", "agcrn": "AGCRN", "hyperst-lstm-g": "HyperST-LSTM-G",
+                "hyperst-lstm-d": "HyperST-LSTM-D", "hyperst-gcgru": "HyperST-GCGRU"}
+
+
+def model_label(architecture: str) -> str:
+    """The printed name of a run's model."""
+    return MODEL_LABELS.get(architecture, architecture)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # teacher forcing draws from numpy's global RNG
     torch.manual_seed(seed)
 
 
-def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Optional[int] = 12):
+def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Optional[int] = 12,
+                architecture: str = "himnet", data=None):
     """The model of a run from ``config.model`` (HimNet constructor arguments); it accepts
-    inputs of ``in_steps`` steps only (the windows it is trained on)."""
-    from ..nn.himnet import HimNet
+    inputs of ``in_steps`` steps only (the windows it is trained on).
 
-    return HimNet(**model_config, backend=backend, in_steps=in_steps)
+    ``architecture`` other than "himnet" builds that model of :mod:`himnet_fast.models` with
+    the run's hidden size and horizon on the signal channel; the HyperST models take their
+    static attributes (coordinates, distances to the 4 nearest neighbours) from ``data``'s
+    graph and sensor coordinates."""
+    if architecture == "himnet":
+        from ..nn.himnet import HimNet
+
+        return HimNet(**model_config, backend=backend, in_steps=in_steps)
+    from ..models import build_model as build_family, needs_attributes, spatial_attributes
+
+    attributes = None
+    if needs_attributes(architecture):
+        extra = getattr(data, "extra", None) or {}
+        if not all(k in extra for k in ("adj", "lat", "lon")):
+            raise ValueError(f"--model {architecture} needs the sensors' coordinates and road graph (the bundled "
+                             "LOSLOOP data has them); this dataset has "
+                             f"{', '.join(k for k in ('adj', 'lat', 'lon') if k in extra) or 'neither'}")
+        coords = np.stack([np.asarray(extra["lat"], dtype=np.float64), np.asarray(extra["lon"], dtype=np.float64)], 1)
+        attributes = spatial_attributes(coords, np.asarray(extra["adj"], dtype=np.float64))
+    return build_family(architecture, model_config["num_nodes"], attributes=attributes, backend=backend,
+                        input_dim=1, output_dim=model_config.get("output_dim", 1),
+                        horizon=model_config.get("out_steps", 12), hidden_dim=model_config.get("hidden_dim", 64))
 
 
 def _dist_info():
@@ -268,7 +299,7 @@ class Trainer:
         config.model["num_nodes"] = data.num_nodes
         seed_everything(config.seed)
         if model is None:
-            model = build_model(config.model, config.backend, data.in_steps)
+            model = build_model(config.model, config.backend, data.in_steps, config.architecture, data)
             if config.residual and isinstance(getattr(model, "out_proj", None), torch.nn.Linear):
                 # a zero output layer makes the untrained model exactly the last-value forecast,
                 # so training starts from that baseline instead of from random changes
@@ -536,9 +567,11 @@ class Trainer:
                                    batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test,
                                    residual=self.config.residual)
         minutes = int(self.data.extra.get("step_minutes", 5))
-        return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps),
+        return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps,
+                                     title=model_label(self.config.architecture)),
                 plots.plot_error_by_horizon(self.test_metrics, self.baselines, self._path("error_by_horizon.png"),
-                                            step_minutes=minutes, dataset=self.data.name)]
+                                            step_minutes=minutes, dataset=self.data.name,
+                                            title=model_label(self.config.architecture))]
 
     def plot_losses(self) -> Optional[str]:
         path = self._path("loss_curve.png")
