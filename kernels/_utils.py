@@ -94,6 +94,13 @@ def needs_int64(**tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
+def check_rows(rows: int, what: str) -> None:
+    """Row indices stay int32 even with OFF64 (only the stride products widen): refuse more."""
+    if rows > _MAX_OFFSET:
+        raise ValueError(f"{what} has {rows} rows; the Triton kernels index rows in int32 (at most "
+                         f"{_MAX_OFFSET}): use backend='torch' or split the batch")
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a nominal 8 on CPU / in the interpreter; an
     H100's 132 for meta tensors, which only ahead-of-time compilation launches with)."""

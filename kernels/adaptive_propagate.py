@@ -15,10 +15,15 @@ per-row ``lse = m + log(l)`` (fp32) for backward. Since relu makes every valid s
 Backward (the flash-attention backward with the ReLU mask), three passes, no atomics:
 * delta[i] = <dO_i, O_i> (the softmax backward's row term), fp32.
 * dV: per (key block, W tile): ``dV_j = sum_i P_ijᵀ dO_i`` with P recomputed from lse.
-* dE, query side: per row block i: ``dE_i = sum_j dS_ij E_j``;
-  key side: per key block j: ``dE_j += sum_i dS_ijᵀ E_i``, adding into the query-side result.
-  ``dS = P ⊙ (dO Vᵀ - delta) ⊙ [s > 0]``; ``dO Vᵀ`` is reduced over all W inside the program.
-No buffer of size N×N exists at any point; extra memory is O(G·N·(D + 1)).
+* dE, query side: per (row block i, split of the key blocks): ``dE_i = sum_j dS_ij E_j``;
+  key side: per (key block j, split of the query blocks): ``dE_j += sum_i dS_ijᵀ E_i``, adding
+  into the query-side partial of the same split; the splits' fp32 partials are summed in a fixed
+  order. ``dS = P ⊙ (dO Vᵀ - delta) ⊙ [s > 0]``; ``dO Vᵀ`` is reduced over all W inside the
+  program. The split only exists to give the GPU enough programs (see ``de_splits``).
+No buffer of size N×N exists at any point; extra memory is O(splits·G·N·D + G·N).
+
+Offsets are int32 unless a tensor spans more than 2^31 - 1 elements (``OFF64``, see
+``_utils.needs_int64``).
 """
 from __future__ import annotations
 
@@ -367,6 +372,11 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
     off64 = needs_int64(embedding=e, v=v, dout=dout, out=out)
     block_m, block_n, block_d, block_w = _blocks(N, D, W, 64)
     dot_dt, rne = dot_dtype(v.dtype), round_in_interpreter(v.dtype)
+    # Exact fp32 dots run on FMA units and hold their operands in registers: with 4 warps the
+    # dV and dE kernels spill on sm_90 (bench/results/aot/), so they get 8 warps and dE a
+    # 32-row own block. TF32/bf16 (tensor cores) keep 4 warps.
+    exact_fp32 = v.dtype == torch.float32 and precision == "ieee"
+    warps = 8 if exact_fp32 else 4
 
     if need_v:
         dv = torch.empty(G, N, W, device=v.device, dtype=v.dtype)
@@ -374,7 +384,7 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
             e, dout, lse, dv, N, D, W,
             *e.stride(), *dout.stride(), *dv.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=block_w,
-            PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64, num_warps=4,
+            PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64, num_warps=warps,
         )
     if need_e and N == 1:
         # softmax over one column is identically 1: dE is exactly 0 (the general formula gives
@@ -387,9 +397,9 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
             dout, out, delta, N, W, *dout.stride(), *out.stride(),
             BLOCK_M=dm, BLOCK_W=dw, ACC=acc_tl, OFF64=off64, num_warps=4,
         )
-        # Own rows 64, other rows 32, W tiles <= 32 wide: the dE kernels' live tiles (dp, s, p,
-        # ds: own x other fp32) fit in registers without spilling (see bench/results/aot/).
-        de_m, de_n = block_m, pow2_block(N, 32)
+        # Own rows 64 (32 for exact fp32), other rows 32, W tiles <= 32 wide: the dE kernels'
+        # live tiles (dp, s, p, ds: own x other, fp32) fit in registers without spilling.
+        de_m, de_n = pow2_block(N, 32 if exact_fp32 else 64), pow2_block(N, 32)
         de_w = w_tile(W, 32)
         n_split = de_splits(G, N, D, de_m, de_n, e.device)
         per_split = triton.cdiv(triton.cdiv(N, de_n), n_split)
@@ -402,7 +412,7 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
                 *e.stride(), *v.stride(), *dout.stride(),
                 KEY_SIDE=key_side,
                 BLOCK_M=de_m, BLOCK_N=de_n, BLOCK_D=block_d, BLOCK_W=de_w,
-                PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64, num_warps=4,
+                PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64, num_warps=warps,
             )
         # Fixed-order sum over the splits: deterministic.
         de = (part[0] if n_split == 1 else part.sum(0)).to(e.dtype)

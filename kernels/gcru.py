@@ -127,7 +127,7 @@ def gcru_gate_forward(pre: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor,
         block, warps = _block()
         _gcru_gate_fwd_kernel[_grid(total, block)](pre, h, zh, r, total, H, BLOCK=block,
                                                    ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
-            OFF64=needs_int64(pre=pre), num_warps=warps)
+                                                   OFF64=needs_int64(pre=pre), num_warps=warps)
     return zh, r
 
 
@@ -142,7 +142,7 @@ def gcru_gate_backward(pre: torch.Tensor, h: torch.Tensor, dzh: torch.Tensor, dr
         block, warps = _block()
         _gcru_gate_bwd_kernel[_grid(total, block)](pre, h, dzh, dr, dpre, dh, total, H, BLOCK=block,
                                                    ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
-            OFF64=needs_int64(pre=pre), num_warps=warps)
+                                                   OFF64=needs_int64(pre=pre), num_warps=warps)
     return dpre, dh
 
 
@@ -155,7 +155,7 @@ def gcru_update_forward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -
         block, warps = _block()
         _gcru_update_fwd_kernel[_grid(total, block)](pre_c, r, h, out, total, BLOCK=block,
                                                      ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
-            OFF64=needs_int64(h=h), num_warps=warps)
+                                                     OFF64=needs_int64(h=h), num_warps=warps)
     return out
 
 
@@ -169,5 +169,5 @@ def gcru_update_backward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor, 
         block, warps = _block()
         _gcru_update_bwd_kernel[_grid(total, block)](pre_c, r, h, dout, dpre, dr, dh, total, BLOCK=block,
                                                      ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
-            OFF64=needs_int64(h=h), num_warps=warps)
+                                                     OFF64=needs_int64(h=h), num_warps=warps)
     return dpre, dr, dh

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype, acc_torch_dtype, dot_dtype, dot_precision, interpreting, needs_int64,
+from ._utils import (acc_dtype, acc_torch_dtype, check_rows, dot_dtype, dot_precision, interpreting, needs_int64,
                      num_sms, pow2_block, round_in_interpreter, to_storage, whole_block)
 
 __all__ = ["meta_linear_forward", "meta_linear_backward"]
@@ -72,10 +72,11 @@ def _meta_linear_fwd_kernel(
     if PER_ROW:
         rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
         r_mask = rr < G * M
-        if OFF64:  # row offsets (g * stride_g + m * stride_m) can pass 2^31: 64-bit products
-            rr = rr.to(tl.int64)
-        gi = rr // M
+        gi = rr // M  # row counts stay far below 2^31: divide in int32 (cheap)...
         mi = rr % M
+        if OFF64:  # ...but g * stride_g + m * stride_m can pass 2^31: 64-bit products
+            gi = gi.to(tl.int64)
+            mi = mi.to(tl.int64)
         q_rows = q_ptr + gi * sq_g + mi * sq_m
     else:
         n_m = tl.cdiv(M, BLOCK_M)
@@ -145,10 +146,12 @@ def _meta_linear_bwd_kernel(
     pid = tl.program_id(0)
     rr = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rr < R
-    if OFF64:  # see _meta_linear_fwd_kernel
-        rr = rr.to(tl.int64)
     gi = rr // M
     mi = rr % M
+    if OFF64:  # see _meta_linear_fwd_kernel
+        rr = rr.to(tl.int64)
+        gi = gi.to(tl.int64)
+        mi = mi.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     ri = tl.arange(0, BLOCK_I)
     ro = tl.arange(0, BLOCK_O)
@@ -215,10 +218,11 @@ def _meta_linear_bwd_dp_kernel(
     for r0 in range(start, end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < end
-        if OFF64:  # see _meta_linear_fwd_kernel
-            rr = rr.to(tl.int64)
         gi = rr // M
         mi = rr % M
+        if OFF64:  # see _meta_linear_fwd_kernel
+            gi = gi.to(tl.int64)
+            mi = mi.to(tl.int64)
         x = tl.load(x_ptr + gi[:, None] * sx_g + mi[:, None] * sx_m + ii[None, :] * sx_i,
                     mask=r_mask[:, None] & i_mask[None, :], other=0.0)
         qd = tl.load(q_ptr + gi * sq_g + mi * sq_m + d * sq_d, mask=r_mask, other=0.0).to(ACC)
@@ -252,8 +256,8 @@ def _groups(x: torch.Tensor, axis: str) -> Tuple[int, int]:
 
 def _warps(block_a: int, block_b: int, per_row: bool = False) -> int:
     """8 warps for 64x128 output tiles; also for 64x64 PER_ROW tiles, whose scaled x slice is
-    one more live fp32 tile: with 4 warps the fp32 ("ieee") variant spills 8 B/thread on sm_90
-    (bench/results/aot/)."""
+    one more live fp32 tile: with 4 warps the exact fp32 variant spills on sm_90 even with
+    16-wide K slices (bench/results/aot/)."""
     return 8 if block_a * block_b >= (64 * 64 if per_row else 64 * 128) else 4
 
 
@@ -277,11 +281,15 @@ def _fwd(x, query, pool, pool_strides, bias_pool, axis, out_cols):
         if bias_pool is not None and D > 0:
             y += _bias(query, bias_pool, axis)
         return y
+    check_rows(x.shape[0] * x.shape[1], "x")
     off64 = needs_int64(x=x, query=query, pool=pool, y=y)
     G, M = _groups(x, axis)
     per_row = axis == "ST"
     block_m = pow2_block(G * M if per_row else M, 64)
-    block_k = pow2_block(K, 32)
+    # Exact fp32 "ST" (FMA dot: no tensor cores) with 32-wide K slices spills 8-32 B/thread
+    # on sm_90 (bench/results/aot/); 16-wide slices do not.
+    exact_fp32 = per_row and x.dtype == torch.float32 and dot_precision(x.dtype) == "ieee"
+    block_k = pow2_block(K, 16 if exact_fp32 else 32)
     block_o = pow2_block(O, 128)
     n_rows = triton.cdiv(G * M, block_m) if per_row else G * triton.cdiv(M, block_m)
     grid = (n_rows * triton.cdiv(O, block_o),)
@@ -345,6 +353,7 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
     acc = acc_torch_dtype(x.dtype)
     empty = R == 0 or I == 0 or O == 0 or D == 0
     # dx (when computed) has x's shape; contiguous, so it never spans more than x.
+    check_rows(R, "x")
     off64 = not empty and needs_int64(dy=dy, x=x, query=query, pool=pool)
 
     if need_x and not per_row:

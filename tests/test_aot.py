@@ -59,7 +59,7 @@ _N100K = """
     assert dx.shape == x.shape and dq.shape == q.shape and dp.shape == pool.shape and dpb.shape == pb.shape
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        for name, grid, kernel, consts in records:
+        for name, grid, kernel, consts, _spec in records:
             regs, stack, smem, _ = aot.cubin_resources(kernel.asm["cubin"], tmp)
             smem += kernel.metadata.shared
             print(f"{name} OFF64={consts['OFF64']} grid={grid} regs={regs} spill={stack} smem={smem}")
@@ -115,3 +115,29 @@ def test_aot_model_grid(grid, request):
     res = subprocess.run([sys.executable, "-m", "himnet_fast.aot", "--grid", grid], env=env, capture_output=True,
                          text=True, timeout=7200, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- CUDA extension
+
+def _nvcc():
+    from himnet_fast.aot import find_nvcc
+    return find_nvcc()
+
+
+@pytest.mark.cuda_ext
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_kernels_compile_for_sm90(request):
+    """csrc/*.cu compile for sm_90 (``nvcc -Xptxas -v``, no GPU) and every kernel stays in the
+    shared-memory limit without spilling; the committed table lists the same kernels."""
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("nvcc on three files (~1 min here); run with -m slow")
+    from himnet_fast.aot import compile_cuda
+    rows = compile_cuda(ROOT, 90)
+    assert rows
+    for r in rows:
+        assert r.static_smem <= SMEM_LIMIT, r
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills {r.spill_stores} B"
+    with open(os.path.join(ROOT, "bench", "results", "aot", "cuda_sm90.csv")) as f:
+        committed = {(r["source"], r["kernel"]) for r in csv.DictReader(f)}
+    assert committed == {(r.source, r.kernel) for r in rows}, "regenerate: python -m himnet_fast.aot --cuda --out bench/results/aot"

@@ -538,7 +538,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     n = 0
     for arch, p, dt, prec in ((90, "*fp32", tl.float32, "ieee"), (80, "*fp32", tl.float32, "tf32"),
                               (90, "*bf16", tl.bfloat16, "ieee")):
-        base = dict(PRECISION=prec, ACC=tl.float32, DOT=dt, RNE=False)
+        base = dict(PRECISION=prec, ACC=tl.float32, DOT=dt, RNE=False, OFF64=False)
         for per_row in (True, False):
             build(ml._meta_linear_fwd_kernel, {"*": p}, dict(base, PER_ROW=per_row, HAS_BIAS=True, BLOCK_M=64,
                   BLOCK_K=32, BLOCK_O=128), arch, 8)
@@ -549,16 +549,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(ap._adaptive_matmul_fwd_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
               BLOCK_D=16, BLOCK_W=128), arch, 8)
         build(ap._adaptive_matmul_bwd_delta_kernel, {"*": p, "delta_ptr": "*fp32"}, dict(ACC=tl.float32,
-              BLOCK_M=64, BLOCK_W=128), arch)
+              BLOCK_M=4, BLOCK_W=128, OFF64=False), arch)
         build(ap._adaptive_matmul_bwd_dv_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
               BLOCK_D=16, BLOCK_W=64), arch)
         for key_side in (False, True):
             build(ap._adaptive_matmul_bwd_de_kernel, {"*": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                  "de_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=64, BLOCK_D=16,
-                  BLOCK_W=64), arch)
+                  "part_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=32, BLOCK_D=16,
+                  BLOCK_W=32), arch)
         for fn in (gc._gcru_gate_fwd_kernel, gc._gcru_gate_bwd_kernel, gc._gcru_update_fwd_kernel,
                    gc._gcru_update_bwd_kernel):
-            build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False), arch, 8)
+            build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False, OFF64=False), arch, 8)
         n += 13
     print("compiled", n)
 """)
