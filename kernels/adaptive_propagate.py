@@ -373,8 +373,8 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
     block_m, block_n, block_d, block_w = _blocks(N, D, W, 64)
     dot_dt, rne = dot_dtype(v.dtype), round_in_interpreter(v.dtype)
     # Exact fp32 dots run on FMA units and hold their operands in registers: with 4 warps the
-    # dV and dE kernels spill on sm_90 (bench/results/aot/), so they get 8 warps and dE a
-    # 32-row own block. TF32/bf16 (tensor cores) keep 4 warps.
+    # dV and dE kernels spill on sm_90 (bench/results/aot/), so they get 8 warps and dE
+    # 32 x 16 blocks. TF32/bf16 (tensor cores) keep 4 warps.
     exact_fp32 = v.dtype == torch.float32 and precision == "ieee"
     warps = 8 if exact_fp32 else 4
 
@@ -397,9 +397,10 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
             dout, out, delta, N, W, *dout.stride(), *out.stride(),
             BLOCK_M=dm, BLOCK_W=dw, ACC=acc_tl, OFF64=off64, num_warps=4,
         )
-        # Own rows 64 (32 for exact fp32), other rows 32, W tiles <= 32 wide: the dE kernels'
-        # live tiles (dp, s, p, ds: own x other, fp32) fit in registers without spilling.
-        de_m, de_n = pow2_block(N, 32 if exact_fp32 else 64), pow2_block(N, 32)
+        # Own x other rows 64 x 32 (32 x 16 for exact fp32), W tiles <= 32 wide: the dE
+        # kernels' live tiles (dp, s, p, ds: own x other, fp32) fit in registers without
+        # spilling at any model shape (bench/results/aot/).
+        de_m, de_n = (pow2_block(N, 32), pow2_block(N, 16)) if exact_fp32 else (block_m, pow2_block(N, 32))
         de_w = w_tile(W, 32)
         n_split = de_splits(G, N, D, de_m, de_n, e.device)
         per_split = triton.cdiv(triton.cdiv(N, de_n), n_split)

@@ -140,4 +140,5 @@ def test_cuda_kernels_compile_for_sm90(request):
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills {r.spill_stores} B"
     with open(os.path.join(ROOT, "bench", "results", "aot", "cuda_sm90.csv")) as f:
         committed = {(r["source"], r["kernel"]) for r in csv.DictReader(f)}
-    assert committed == {(r.source, r.kernel) for r in rows}, "regenerate: python -m himnet_fast.aot --cuda --out bench/results/aot"
+    assert committed == {(r.source, r.kernel) for r in rows}, \
+        "regenerate: python -m himnet_fast.aot --cuda --out bench/results/aot"
