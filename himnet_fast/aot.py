@@ -33,13 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
-# The compiled (not interpreted) JIT must be active; TRITON_INTERPRET is read when a kernel is
-# defined, so this has to happen before himnet_fast.kernels is imported.
-if "himnet_fast.kernels" not in sys.modules:
-    os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-import torch  # noqa: E402
+import torch
 
 SMEM_LIMIT = 227 * 1024  # H100 (sm_90): max dynamic shared memory per block, opt-in
 H100_SMS = 132
@@ -82,7 +76,16 @@ def default_grid() -> List[Config]:
 def _install_driver(arch: int):
     """Make Triton compile for ``sm_<arch>`` with no GPU, and turn launches into compiles.
 
-    Returns the list that collects ``(kernel name, grid, compiled kernel)`` per launch."""
+    Returns the list that collects ``(kernel name, grid, compiled kernel, constexprs, integer
+    specialisations)`` per launch. The compiled (not interpreted) JIT must be active:
+    TRITON_INTERPRET is read when a kernel is defined, so this must run before
+    ``himnet_fast.kernels`` is imported (a fresh process: the tests use a subprocess)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if "himnet_fast.kernels" in sys.modules:
+            raise RuntimeError("himnet_fast.kernels was imported under TRITON_INTERPRET=1: AOT compilation "
+                               "needs a fresh process without it")
+        del os.environ["TRITON_INTERPRET"]
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton  # noqa: F401
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
@@ -442,9 +445,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.cuda:
         return _main_cuda(args)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: unset it, AOT compiles real GPU code", file=sys.stderr)
-        return 2
     configs = full_grid() if args.grid == "full" else default_grid()
     t0 = time.time()
     rows, failures = compile_grid(configs, args.arch, args.verbose)
