@@ -6,6 +6,7 @@ Only launchers (plain Python) use these; the ``@triton.jit`` kernels take the re
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -19,7 +20,8 @@ INTERPRET_BLOCK = 16
 # tl.dot needs every operand dimension >= 16 (M, N and K) on NVIDIA tensor cores.
 MIN_DOT = 16
 
-# Element offsets are computed in int32 inside the kernels.
+# Element offsets are computed in int32 inside the kernels unless a tensor spans more than
+# this (see needs_int64).
 _MAX_OFFSET = 2 ** 31 - 1
 
 
@@ -76,21 +78,36 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def check_offsets(**tensors: torch.Tensor) -> None:
-    """Raise when a tensor is too large for the kernels' int32 element offsets."""
-    for name, t in tensors.items():
+def needs_int64(**tensors: Optional[torch.Tensor]) -> bool:
+    """Whether some tensor spans more elements than int32 offsets reach.
+
+    The kernels compute element offsets in int32 (fewer registers, cheaper address math);
+    the launchers pass the result as the ``OFF64`` constexpr, and the kernels then cast their
+    row indices (and graph index) to int64 before multiplying by strides, so every offset
+    product is 64-bit. Only calls that need it compile and run the int64 variant."""
+    for t in tensors.values():
         if t is None:
             continue
         span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
         if span > _MAX_OFFSET:
-            raise ValueError(f"{name} of shape {tuple(t.shape)} spans {span} elements; the Triton kernels "
-                             f"use 32-bit offsets (at most {_MAX_OFFSET}): use backend='torch' or split the batch")
+            return True
+    return False
+
+
+def check_rows(rows: int, what: str) -> None:
+    """Row indices stay int32 even with OFF64 (only the stride products widen): refuse more."""
+    if rows > _MAX_OFFSET:
+        raise ValueError(f"{what} has {rows} rows; the Triton kernels index rows in int32 (at most "
+                         f"{_MAX_OFFSET}): use backend='torch' or split the batch")
 
 
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a nominal 8 on CPU / in the interpreter)."""
+    """Streaming multiprocessors of ``device`` (a nominal 8 on CPU / in the interpreter; an
+    H100's 132 for meta tensors, which only ahead-of-time compilation launches with)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta":
+        return 132
     return 8
 
 

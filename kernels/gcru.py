@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, check_offsets, interpreting, round_in_interpreter, to_storage
+from ._utils import acc_dtype, interpreting, needs_int64, round_in_interpreter, to_storage
 
 __all__ = ["gcru_gate_forward", "gcru_gate_backward", "gcru_update_forward", "gcru_update_backward"]
 
@@ -36,9 +36,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _offsets(BLOCK: tl.constexpr, OFF64: tl.constexpr):
+    """This program's element indices; int64 when the tensors pass 2^31 elements (OFF64)."""
+    pid = tl.program_id(0)
+    if OFF64:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _gcru_gate_fwd_kernel(pre_ptr, h_ptr, zh_ptr, r_ptr, total, H,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr):
+    offs = _offsets(BLOCK, OFF64)
     mask = offs < total
     row = offs // H
     col = offs % H
@@ -51,8 +60,8 @@ def _gcru_gate_fwd_kernel(pre_ptr, h_ptr, zh_ptr, r_ptr, total, H,
 
 @triton.jit
 def _gcru_gate_bwd_kernel(pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, total, H,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                          BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr):
+    offs = _offsets(BLOCK, OFF64)
     mask = offs < total
     row = offs // H
     col = offs % H
@@ -71,8 +80,8 @@ def _gcru_gate_bwd_kernel(pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, tot
 
 @triton.jit
 def _gcru_update_fwd_kernel(pre_ptr, r_ptr, h_ptr, out_ptr, total,
-                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr):
+    offs = _offsets(BLOCK, OFF64)
     mask = offs < total
     c = _tanh(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC))
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -82,8 +91,8 @@ def _gcru_update_fwd_kernel(pre_ptr, r_ptr, h_ptr, out_ptr, total,
 
 @triton.jit
 def _gcru_update_bwd_kernel(pre_ptr, r_ptr, h_ptr, dout_ptr, dpre_ptr, dr_ptr, dh_ptr, total,
-                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                            BLOCK: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr):
+    offs = _offsets(BLOCK, OFF64)
     mask = offs < total
     c = _tanh(tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC))
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -115,10 +124,10 @@ def gcru_gate_forward(pre: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor,
     zh, r = torch.empty_like(h), torch.empty_like(h)
     total = h.numel()
     if total:
-        check_offsets(pre=pre)
         block, warps = _block()
         _gcru_gate_fwd_kernel[_grid(total, block)](pre, h, zh, r, total, H, BLOCK=block,
-                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
+                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
+                                                   OFF64=needs_int64(pre=pre), num_warps=warps)
     return zh, r
 
 
@@ -132,7 +141,8 @@ def gcru_gate_backward(pre: torch.Tensor, h: torch.Tensor, dzh: torch.Tensor, dr
     if total:
         block, warps = _block()
         _gcru_gate_bwd_kernel[_grid(total, block)](pre, h, dzh, dr, dpre, dh, total, H, BLOCK=block,
-                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
+                                                   ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
+                                                   OFF64=needs_int64(pre=pre), num_warps=warps)
     return dpre, dh
 
 
@@ -142,10 +152,10 @@ def gcru_update_forward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -
     out = torch.empty_like(h)
     total = h.numel()
     if total:
-        check_offsets(h=h)
         block, warps = _block()
         _gcru_update_fwd_kernel[_grid(total, block)](pre_c, r, h, out, total, BLOCK=block,
-                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
+                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
+                                                     OFF64=needs_int64(h=h), num_warps=warps)
     return out
 
 
@@ -158,5 +168,6 @@ def gcru_update_backward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor, 
     if total:
         block, warps = _block()
         _gcru_update_bwd_kernel[_grid(total, block)](pre_c, r, h, dout, dpre, dr, dh, total, BLOCK=block,
-                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype), num_warps=warps)
+                                                     ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
+                                                     OFF64=needs_int64(h=h), num_warps=warps)
     return dpre, dr, dh

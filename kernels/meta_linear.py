@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype, acc_torch_dtype, check_offsets, dot_dtype, dot_precision, interpreting, num_sms,
-                     pow2_block, round_in_interpreter, to_storage, whole_block)
+from ._utils import (acc_dtype, acc_torch_dtype, check_rows, dot_dtype, dot_precision, interpreting, needs_int64,
+                     num_sms, pow2_block, round_in_interpreter, to_storage, whole_block)
 
 __all__ = ["meta_linear_forward", "meta_linear_backward"]
 
@@ -56,7 +56,7 @@ def _meta_linear_fwd_kernel(
     sy_g, sy_m, sy_o,
     PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr,
 ):
     """y (rows, O) = sum_d q_d * (x (rows, K) @ P_d (K, O)) [+ q @ Pb]."""
     pid = tl.program_id(0)
@@ -72,14 +72,20 @@ def _meta_linear_fwd_kernel(
     if PER_ROW:
         rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
         r_mask = rr < G * M
-        gi = rr // M
+        gi = rr // M  # row counts stay far below 2^31: divide in int32 (cheap)...
         mi = rr % M
+        if OFF64:  # ...but g * stride_g + m * stride_m can pass 2^31: 64-bit products
+            gi = gi.to(tl.int64)
+            mi = mi.to(tl.int64)
         q_rows = q_ptr + gi * sq_g + mi * sq_m
     else:
         n_m = tl.cdiv(M, BLOCK_M)
         gi = pid_r // n_m
         mi = (pid_r % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         r_mask = mi < M
+        if OFF64:
+            gi = gi.to(tl.int64)
+            mi = mi.to(tl.int64)
         q_grp = q_ptr + gi * sq_g
     x_rows = x_ptr + gi * sx_g + mi * sx_m
 
@@ -131,7 +137,7 @@ def _meta_linear_bwd_kernel(
     sdx_g, sdx_m, sdx_i,
     COMPUTE_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr,
 ):
     """Per row r: t_d = dy[r] @ P_dᵀ (I,); dq[r, d] = <t_d, x[r]>; dx[r] = sum_d q[r, d] t_d.
 
@@ -142,6 +148,10 @@ def _meta_linear_bwd_kernel(
     r_mask = rr < R
     gi = rr // M
     mi = rr % M
+    if OFF64:  # see _meta_linear_fwd_kernel
+        rr = rr.to(tl.int64)
+        gi = gi.to(tl.int64)
+        mi = mi.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     ri = tl.arange(0, BLOCK_I)
     ro = tl.arange(0, BLOCK_O)
@@ -187,7 +197,7 @@ def _meta_linear_bwd_dp_kernel(
     sq_g, sq_m, sq_d,
     sdy_g, sdy_m, sdy_o,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr,
 ):
     """Partial dP[split, d, I-tile, O-tile] = sum over the split's rows of (q_d ⊙ x)ᵀ dy (fp32)."""
     pid = tl.program_id(0)
@@ -210,6 +220,9 @@ def _meta_linear_bwd_dp_kernel(
         r_mask = rr < end
         gi = rr // M
         mi = rr % M
+        if OFF64:  # see _meta_linear_fwd_kernel
+            gi = gi.to(tl.int64)
+            mi = mi.to(tl.int64)
         x = tl.load(x_ptr + gi[:, None] * sx_g + mi[:, None] * sx_m + ii[None, :] * sx_i,
                     mask=r_mask[:, None] & i_mask[None, :], other=0.0)
         qd = tl.load(q_ptr + gi * sq_g + mi * sq_m + d * sq_d, mask=r_mask, other=0.0).to(ACC)
@@ -241,8 +254,11 @@ def _groups(x: torch.Tensor, axis: str) -> Tuple[int, int]:
     return (N, B) if axis == "S" else (B, N)
 
 
-def _warps(block_a: int, block_b: int) -> int:
-    return 8 if block_a * block_b >= 64 * 128 else 4
+def _warps(block_a: int, block_b: int, per_row: bool = False) -> int:
+    """8 warps for 64x128 output tiles; also for 64x64 PER_ROW tiles, whose scaled x slice is
+    one more live fp32 tile: with 4 warps the exact fp32 variant spills on sm_90 even with
+    16-wide K slices (bench/results/aot/)."""
+    return 8 if block_a * block_b >= (64 * 64 if per_row else 64 * 128) else 4
 
 
 def meta_linear_forward(x: torch.Tensor, query: torch.Tensor, pool: torch.Tensor,
@@ -265,11 +281,15 @@ def _fwd(x, query, pool, pool_strides, bias_pool, axis, out_cols):
         if bias_pool is not None and D > 0:
             y += _bias(query, bias_pool, axis)
         return y
-    check_offsets(x=x, query=query, pool=pool, y=y)
+    check_rows(x.shape[0] * x.shape[1], "x")
+    off64 = needs_int64(x=x, query=query, pool=pool, y=y)
     G, M = _groups(x, axis)
     per_row = axis == "ST"
     block_m = pow2_block(G * M if per_row else M, 64)
-    block_k = pow2_block(K, 32)
+    # Exact fp32 "ST" (FMA dot: no tensor cores) with 32-wide K slices spills 8-32 B/thread
+    # on sm_90 (bench/results/aot/); 16-wide slices do not.
+    exact_fp32 = per_row and x.dtype == torch.float32 and dot_precision(x.dtype) == "ieee"
+    block_k = pow2_block(K, 16 if exact_fp32 else 32)
     block_o = pow2_block(O, 128)
     n_rows = triton.cdiv(G * M, block_m) if per_row else G * triton.cdiv(M, block_m)
     grid = (n_rows * triton.cdiv(O, block_o),)
@@ -282,7 +302,8 @@ def _fwd(x, query, pool, pool_strides, bias_pool, axis, out_cols):
         *_layout(y, axis),
         PER_ROW=per_row, HAS_BIAS=bias_pool is not None,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=_warps(block_m, block_o),
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype),
+        RNE=round_in_interpreter(x.dtype), OFF64=off64, num_warps=_warps(block_m, block_o, per_row),
     )
     return y
 
@@ -331,8 +352,9 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
     precision = dot_precision(x.dtype)
     acc = acc_torch_dtype(x.dtype)
     empty = R == 0 or I == 0 or O == 0 or D == 0
-    if not empty:
-        check_offsets(dy=dy, x=x, query=query, pool=pool)
+    # dx (when computed) has x's shape; contiguous, so it never spans more than x.
+    check_rows(R, "x")
+    off64 = not empty and needs_int64(dy=dy, x=x, query=query, pool=pool)
 
     if need_x and not per_row:
         # Shared query: dx = dy @ W_gᵀ, the forward kernel with P's I/O strides swapped.
@@ -357,7 +379,8 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
                 *pool.stride(), *_layout(dxt, axis),
                 COMPUTE_DX=per_row and need_x,
                 BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_D=whole_block(D, 1),
-                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=4,
+                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype),
+                RNE=round_in_interpreter(x.dtype), OFF64=off64, num_warps=4,
             )
         if need_q:
             # Rows are ordered (g, m); shared queries sum over their group's members.
@@ -384,7 +407,8 @@ def meta_linear_backward(dy: torch.Tensor, x: torch.Tensor, query: torch.Tensor,
                 R, M, I, O, D, rows_per_split,
                 *_layout(x, axis), *_query_layout(query, axis), *_layout(dy, axis),
                 BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_O=block_o,
-                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), RNE=round_in_interpreter(x.dtype), num_warps=4,
+                PRECISION=precision, ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype),
+                RNE=round_in_interpreter(x.dtype), OFF64=off64, num_warps=4,
             )
             # Fixed-order reduction of the split partials: deterministic.
             dp = (partial[0] if n_split == 1 else partial.sum(0)).to(pool.dtype)

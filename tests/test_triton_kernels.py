@@ -443,6 +443,74 @@ def test_himnet_triton_matches_reference_end_to_end():
         _assert_rel(a, b, 1e-4, name)
 
 
+# --------------------------------------------------------------------------- 64-bit offsets
+
+def test_needs_int64_threshold():
+    """The encoder's "S" call at N = 100,000 (output (192, 100000, 128), 2.46e9 elements) needs
+    64-bit offsets; the same call at B = 16 without the folded steps does not."""
+    meta = dict(device="meta")
+    assert k_utils.needs_int64(y=torch.empty(192, 100_000, 128, **meta))
+    assert not k_utils.needs_int64(y=torch.empty(16, 100_000, 128, **meta), q=None)
+    # Strides count, not elements: a (2, 2) view with a 2^31 row stride spans past int32.
+    assert k_utils.needs_int64(t=torch.empty(2 ** 31 + 2, **meta).as_strided((2, 2), (2 ** 31, 1)))
+
+
+def _with_off64(monkeypatch, on: bool):
+    for mod in (k_ml, k_am, k_gcru):
+        monkeypatch.setattr(mod, "needs_int64", (lambda **t: True) if on else (lambda **t: False))
+
+
+def test_int64_offset_variant_is_bitwise_equal(monkeypatch):
+    """Every kernel's OFF64 variant (row indices cast to int64 before the stride products, used
+    when a tensor passes 2^31 elements) computes bitwise what the int32 variant computes: the
+    variant is forced here on small shapes."""
+    torch.manual_seed(1)
+    ml_cases = [(axis, _ml_inputs(axis, 3, 18, 20, 17, 3, dtype=torch.float32)) for axis in ("T", "S", "ST")]
+    e, v = torch.randn(2, 37, 5), torch.randn(2, 37, 20)
+    pre, h = torch.randn(3, 5, 2 * 7), torch.randn(3, 5, 7)
+
+    def run_all():
+        outs = []
+        for axis, inputs in ml_cases:
+            leaves = [_leaf(t) for t in inputs]
+            outs += _run(_ml_triton(axis), leaves, torch.ones(3, 18, 17))[1]
+            outs.append(tb.triton_meta_linear(*inputs, axis))
+        out, grads = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], v)
+        outs += [out, *grads]
+        pl, hl = _leaf(pre), _leaf(h)
+        zh, r = tb.triton_gcru_gate(pl, hl)
+        hn = tb.triton_gcru_update(pl[..., :7], r, hl)
+        outs += [zh, r, hn, *torch.autograd.grad((zh * 2 + hn).sum(), [pl, hl])]
+        return outs
+
+    _with_off64(monkeypatch, False)
+    want = run_all()
+    _with_off64(monkeypatch, True)
+    got = run_all()
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"output {i} differs between int32 and int64 offsets"
+
+
+def test_adaptive_backward_tiles():
+    """Backward tiling rules (GPU block sizes): W tiles that waste at most 25 % to padding where
+    W is looped inside a program, and enough dE programs at N = 883 for 132 SMs."""
+    import triton
+    from unittest import mock
+    with mock.patch.object(k_utils, "interpreting", lambda: False):
+        assert k_am.w_tile(67, 64) == 16          # 80 columns for 67, not 128
+        assert k_am.w_tile(1024, 32) == 32
+        assert k_am.w_tile(16 * 67, 32) == 32     # 1088 = 34 x 32: no padding
+        assert k_am.w_tile(8, 64) == 16           # tl.dot's minimum
+        meta = torch.device("meta")
+        for G in (1, 16):
+            s = k_am.de_splits(G, 883, 16, 64, 32, meta)
+            assert 1 <= s <= triton.cdiv(883, 32)
+            assert triton.cdiv(883, 64) * G * s >= 132, (G, s)
+        bm, bw = k_am._delta_blocks(1, 883, 1024, meta)
+        assert bm * bw <= 2048 and triton.cdiv(883, bm) >= 132
+
+
 # --------------------------------------------------------------------------- GPU compilation
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -462,7 +530,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     n = 0
     for arch, p, dt, prec in ((90, "*fp32", tl.float32, "ieee"), (80, "*fp32", tl.float32, "tf32"),
                               (90, "*bf16", tl.bfloat16, "ieee")):
-        base = dict(PRECISION=prec, ACC=tl.float32, DOT=dt, RNE=False)
+        base = dict(PRECISION=prec, ACC=tl.float32, DOT=dt, RNE=False, OFF64=False)
         for per_row in (True, False):
             build(ml._meta_linear_fwd_kernel, {"*": p}, dict(base, PER_ROW=per_row, HAS_BIAS=True, BLOCK_M=64,
                   BLOCK_K=32, BLOCK_O=128), arch, 8)
@@ -473,16 +541,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(ap._adaptive_matmul_fwd_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
               BLOCK_D=16, BLOCK_W=128), arch, 8)
         build(ap._adaptive_matmul_bwd_delta_kernel, {"*": p, "delta_ptr": "*fp32"}, dict(ACC=tl.float32,
-              BLOCK_M=64, BLOCK_W=128), arch)
+              BLOCK_M=4, BLOCK_W=128, OFF64=False), arch)
         build(ap._adaptive_matmul_bwd_dv_kernel, {"*": p, "lse_ptr": "*fp32"}, dict(base, BLOCK_M=64, BLOCK_N=64,
               BLOCK_D=16, BLOCK_W=64), arch)
         for key_side in (False, True):
             build(ap._adaptive_matmul_bwd_de_kernel, {"*": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                  "de_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=64, BLOCK_D=16,
-                  BLOCK_W=64), arch)
+                  "part_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=32, BLOCK_D=16,
+                  BLOCK_W=32), arch)
         for fn in (gc._gcru_gate_fwd_kernel, gc._gcru_gate_bwd_kernel, gc._gcru_update_fwd_kernel,
                    gc._gcru_update_bwd_kernel):
-            build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False), arch, 8)
+            build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False, OFF64=False), arch, 8)
         n += 13
     print("compiled", n)
 """)

@@ -12,6 +12,7 @@ inputs (activations are recomputed). All backward passes are deterministic (no a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Optional
@@ -23,6 +24,21 @@ from .. import _backend
 
 _TRITON_ERROR: Optional[str] = None
 _TRITON_CHECKED = False
+# Set only by :func:`allow_meta` (ahead-of-time compilation, himnet_fast.aot): meta tensors are
+# then accepted so the real launchers compute grids and constexprs without any data.
+_ALLOW_META = False
+
+
+@contextlib.contextmanager
+def allow_meta():
+    """Accept meta tensors on the "triton" backend inside the block (for AOT compilation only:
+    launches must compile, not run, which :mod:`himnet_fast.aot` arranges)."""
+    global _ALLOW_META
+    old, _ALLOW_META = _ALLOW_META, True
+    try:
+        yield
+    finally:
+        _ALLOW_META = old
 
 
 def _triton_import_error() -> Optional[str]:
@@ -46,6 +62,8 @@ def _check(device: torch.device) -> Optional[str]:
     if err is not None:
         return err
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "meta" and _ALLOW_META:
+        return None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
