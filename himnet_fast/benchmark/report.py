@@ -140,6 +140,9 @@ def write_plots(df, out_dir: str, stem: str) -> List[str]:
         ok[c] = pd.to_numeric(ok[c], errors="coerce")
     paths = []
     for (kernel, mode), g in ok.groupby(["kernel", "mode"], sort=True):
+        if g.x.nunique() == 1:
+            paths.append(_bar_plot(plt, g, kernel, mode, out_dir, stem))
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for provider, gp in g.groupby("provider", sort=False):
             gp = gp.sort_values("x")
@@ -167,6 +170,37 @@ def write_plots(df, out_dir: str, stem: str) -> List[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _bar_plot(plt, g, kernel: str, mode: str, out_dir: str, stem: str) -> str:
+    """One graph size: a line through one point says nothing, so bars per provider, each
+    labelled with its value and its ratio against the reference (speed-up for time, how many
+    times less memory for memory)."""
+    g = g.drop_duplicates("provider", keep="last")
+    ref = g[g.provider == REF]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, col, ylabel, fmt in ((axes[0], "p50", "p50 time per call (ms)", "{:,.3g} ms"),
+                                 (axes[1], "peak_mem_mb", "peak memory increase (MiB)", "{:,.0f} MiB")):
+        vals = g[col].astype(float).tolist()
+        bars = ax.bar(range(len(g)), vals, color=["#c44e52" if p.startswith(REF) else "#4c72b0" for p in g.provider])
+        base = float(ref[col].iloc[0]) if len(ref) and float(ref[col].iloc[0]) > 0 else None
+        for bar, v in zip(bars, vals):
+            label = fmt.format(v)
+            if base and v > 0:
+                label += f"\n{base / v:.2f}x" + (" faster" if col == "p50" else " less")
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(g)))
+        ax.set_xticklabels(g.provider.tolist(), rotation=20, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(vals) * 1.25 if vals and max(vals) > 0 else 1)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{kernel} {mode}, N = {int(g.x.iloc[0]):,}, batch {g.batch_size.iloc[0]} - "
+                 f"{str(g.device.iloc[0])[:40]} (ratios against {REF})", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stem}_{kernel}_{mode}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def rerender(csv_path: str, command: str = "") -> List[str]:
