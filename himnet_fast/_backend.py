@@ -4,7 +4,7 @@ Every op (``meta_linear``, ``adaptive_propagate``, ``gcru_gate``, ``gcru_update`
 implementation per backend. A backend registers itself with :func:`register`; the op asks
 :func:`resolve` which one to run for the tensors at hand.
 
-Rules (DESIGN.md, "Public contract"):
+Rules (docs/design.md, "Public contract"):
 
 * ``backend=None`` or ``"auto"`` uses ``$HIMNET_FAST_BACKEND`` if set, otherwise the backend
   that measured fastest for the op on the tensors' device (:data:`AUTO_ORDER`; the evidence is

@@ -1,7 +1,7 @@
 """Dataset presets: graph sizes and the paper's model / training configuration.
 
 One table shared by the benchmarks (``himnet-fast bench --preset NAME``) and the training
-pipeline. Values follow HIMNET_SPEC.md, "Training protocol of the paper". Datasets without a
+pipeline. Values follow docs/spec.md, "Training protocol of the paper". Datasets without a
 paper configuration (LargeST's SD/GBA/GLA/CA and synthetic graphs) use the PEMS07 model sizes.
 
 >>> from himnet_fast.presets import get_preset

@@ -1,4 +1,4 @@
-"""The preset table matches HIMNET_SPEC.md's training protocol and builds valid models."""
+"""The preset table matches docs/spec.md's training protocol and builds valid models."""
 import pytest
 
 from himnet_fast.presets import PRESETS, get_preset, preset_names, synthetic
@@ -55,7 +55,7 @@ def test_synthetic_and_with_nodes_validate():
 
 
 def test_model_kwargs_build_the_paper_model():
-    # HIMNET_SPEC.md: defaults with N = 883 give 1,261,753 parameters (PEMS07 uses the defaults).
+    # docs/spec.md: defaults with N = 883 give 1,261,753 parameters (PEMS07 uses the defaults).
     import himnet_fast as hf
 
     m = hf.HimNet(**PRESETS["pems07"].model_kwargs())

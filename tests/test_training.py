@@ -36,7 +36,7 @@ def small_config(**kw):
     return TrainConfig.from_preset("PEMS08", **base)
 
 
-# HIMNET_SPEC.md, "Training protocol of the paper", written out literally.
+# docs/spec.md, "Training protocol of the paper", written out literally.
 SPEC = {  # name: (hidden, tod, dow, node, st, tf_decay, weight_decay, milestones, loss)
     "METRLA": (64, 8, 8, 16, 16, 6000, 5e-4, [30, 40], "mae"),
     "PEMSBAY": (64, 8, 8, 16, 16, 6000, 1e-4, [25, 35], "mae"),

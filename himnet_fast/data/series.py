@@ -19,7 +19,7 @@ import torch
 STEPS_PER_DAY = 288  # HimNet's tod_embedding has 288 rows: one per 5-minute slot
 SPLITS = ("train", "val", "test")
 
-# Shapes and start times of the benchmarks (see /work/shared/data/README.md); "split" is the
+# Shapes and start times of the benchmarks (from the public data files' README); "split" is the
 # chronological train:val:test ratio of the windows. PEMS08_SAMPLE is the bundled real sample.
 DATASET_INFO: Dict[str, dict] = {
     "METRLA": dict(num_nodes=207, num_steps=34272, start="2012-03-01 00:00", split=(0.7, 0.1, 0.2)),

@@ -1,6 +1,6 @@
 """Rebuild ``pems08_sample.npz`` from the recovered partial PEMS08 file (provenance record).
 
-    python -m himnet_fast.datasets._build_sample /work/shared/data/PEMS08/partial/PEMS08_first1282steps.npz
+    python -m himnet_fast.datasets._build_sample PEMS08/partial/PEMS08_first1282steps.npz
 
 Keeps the flow channel only (integer vehicles per 5 minutes, 0..865) as uint16, which is
 exact, and stores it with ``np.savez_compressed`` together with the start time.

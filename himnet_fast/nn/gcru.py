@@ -28,7 +28,7 @@ def _split_rows(cheb_k: int, c: int, h: int, device) -> tuple:
 
 
 class HimGCRU(nn.Module):
-    """Graph convolutional GRU cell with meta-parameters (HIMNET_SPEC.md, "Recurrent cell")."""
+    """Graph convolutional GRU cell with meta-parameters (docs/spec.md, "Recurrent cell")."""
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S", *,
                  backend: Optional[str] = None):
@@ -113,7 +113,7 @@ class _Stack(nn.Module):
 
 
 class HimEncoder(_Stack):
-    """Stack of HimGCRU layers run over all input steps (HIMNET_SPEC.md)."""
+    """Stack of HimGCRU layers run over all input steps (docs/spec.md)."""
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="S", *,
                  backend: Optional[str] = None):
@@ -134,7 +134,7 @@ class HimEncoder(_Stack):
 
 
 class HimDecoder(_Stack):
-    """Stack of HimGCRU layers run for one step (HIMNET_SPEC.md)."""
+    """Stack of HimGCRU layers run for one step (docs/spec.md)."""
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="ST", *,
                  backend: Optional[str] = None):

@@ -1,4 +1,4 @@
-"""Functional ops with backend dispatch (see DESIGN.md "Public contract")."""
+"""Functional ops with backend dispatch (see docs/design.md, "Public contract")."""
 from .adaptive_propagate import AdaptiveGraph, adaptive_graph, adaptive_matmul, adaptive_propagate
 from .gcru import gcru_gate, gcru_update
 from .meta_linear import generate_weights, meta_linear

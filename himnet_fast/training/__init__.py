@@ -1,4 +1,4 @@
-"""Training and evaluation of HimNet following the paper's protocol (HIMNET_SPEC.md).
+"""Training and evaluation of HimNet following the paper's protocol (docs/spec.md).
 
 * :mod:`.protocol`: per-dataset presets, masked MAE / Huber losses, masked metrics.
 * :mod:`.trainer`: :class:`Trainer` (Adam, MultiStepLR, clipping, early stopping, teacher

@@ -1,6 +1,6 @@
 """The paper's training protocol: per-dataset presets, losses and masked metrics.
 
-Values follow HIMNET_SPEC.md ("Training protocol of the paper"). When the package-level
+Values follow docs/spec.md ("Training protocol of the paper"). When the package-level
 ``himnet_fast.presets.PRESETS`` table exists it is the single source of truth and is read
 from there (tests check that both agree with the spec); this module's table is the fallback.
 """
@@ -32,7 +32,7 @@ PAPER_PRESETS: Dict[str, dict] = {
     "PEMS08": _p(170, 96, 10, 2, 14, 10, 6000, 0.0, [40, 60, 80], "huber"),
 }
 
-# Settings shared by every dataset (HIMNET_SPEC.md).
+# Settings shared by every dataset (docs/spec.md).
 COMMON = dict(lr=1e-3, eps=1e-3, gamma=0.1, batch_size=16, max_epochs=200, patience=20, clip_grad=5.0)
 
 # The bundled 1,282-step real PEMS08 sample: PEMS08's embeddings and loss, but a model and a
