@@ -51,8 +51,18 @@ class GeneratedLinear:
     def select_rows(self, rows: torch.Tensor) -> "GeneratedLinear":
         out = GeneratedLinear.__new__(GeneratedLinear)
         out.__dict__.update(self.__dict__)
+        out.__dict__.pop("_splits", None)
         out.weight = self.weight.index_select(-2, rows)
         return out
+
+    def split_rows(self, rows_x: torch.Tensor, rows_h: torch.Tensor) -> tuple:
+        """``(select_rows(rows_x), select_rows(rows_h))``, cached on this object: a decoder
+        reuses one generated map for every step and must not copy its weight rows each time."""
+        key = (rows_x.data_ptr(), rows_x.numel(), rows_h.data_ptr(), rows_h.numel())
+        cache = self.__dict__.setdefault("_splits", {})
+        if key not in cache:
+            cache[key] = (self.select_rows(rows_x), self.select_rows(rows_h))
+        return cache[key]
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """y (B, [T,] N, O) + bias broadcast along the axes the query does not cover."""

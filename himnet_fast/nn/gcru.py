@@ -10,6 +10,7 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_tensor
 from ..ops.gcru import gcru_gate, gcru_update
+from ..ops.gcru_cell import cell_step
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
 
@@ -28,7 +29,12 @@ def _split_rows(cheb_k: int, c: int, h: int, device) -> tuple:
 
 
 class HimGCRU(nn.Module):
-    """Graph convolutional GRU cell with meta-parameters (HIMNET_SPEC.md, "Recurrent cell")."""
+    """Graph convolutional GRU cell with meta-parameters (HIMNET_SPEC.md, "Recurrent cell").
+
+    Each step runs as one :func:`~himnet_fast.ops.gcru_cell` op that saves only its inputs and
+    recomputes the step in backward (``recompute = True``, the default; set the attribute to
+    False for plain autograd: faster backward, every gate activation kept until backward).
+    """
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S", *,
                  backend: Optional[str] = None):
@@ -41,6 +47,7 @@ class HimGCRU(nn.Module):
                            backend=backend)
         self.update = HimGCN(input_dim + self.hidden_dim, output_dim, cheb_k, embed_dim, meta_axis,
                              backend=backend)
+        self.recompute = True
 
     def init_hidden_state(self, batch_size):
         return torch.zeros(batch_size, self.num_nodes, self.hidden_dim)
@@ -57,11 +64,22 @@ class HimGCRU(nn.Module):
         return self._step(x, state, graph, gate, update)
 
     def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
-        """The original step: propagate cat(x, h) and cat(x, z*h) whole."""
+        """One step from x (B, N, C) and state (B, N, H): the input half of both graph
+        convolutions (``T_k x`` times its weight rows, bias included) is computed here, the
+        state half inside :func:`~himnet_fast.ops.gcru_cell`."""
         k = self.gate.cheb_k
-        zh, r = gcru_gate(gate(graph.propagate(torch.cat((x, state), -1), k)), state, backend=self.backend)
-        pre_c = update(graph.propagate(torch.cat((x, zh), -1), k))
-        return gcru_update(pre_c, r, state, backend=self.backend)
+        ix, ih = _split_rows(k, x.shape[-1], self.hidden_dim, x.device)
+        gate_x, gate_h = gate.split_rows(ix, ih)
+        update_x, update_h = update.split_rows(ix, ih)
+        zx = graph.propagate(x, k)
+        return self._cell(state, gate_x(zx), update_x(zx), graph, gate_h, update_h)
+
+    def _cell(self, state, pre_gate_x, pre_update_x, graph, gate_h: GeneratedLinear,
+              update_h: GeneratedLinear) -> torch.Tensor:
+        """The state half of a step: :func:`~himnet_fast.ops.gcru_cell` on the h-row weights."""
+        query = gate_h.query if gate_h.streamed else None
+        return cell_step(state, pre_gate_x, pre_update_x, graph, self.gate.cheb_k, gate_h.axis,
+                         gate_h.weight, update_h.weight, query, self.backend, self.recompute)
 
     def run_sequence(self, xs: torch.Tensor, graph, embeddings=None) -> torch.Tensor:
         """All T steps from a zero state: xs (B, T, N, C) -> states (B, T, N, H).
@@ -82,18 +100,18 @@ class HimGCRU(nn.Module):
         pre_gate_x = gate.select_rows(ix)(zx)       # (B, T, N, 2H), bias included
         pre_upd_x = update.select_rows(ix)(zx)      # (B, T, N, H)
         gate_h, update_h = gate.select_rows(ih), update.select_rows(ih)
+        # unbind, not [:, t]: its backward stacks the T step gradients once instead of
+        # scattering each into a fresh zero (B, T, N, O) buffer.
+        pre_gate_x, pre_upd_x = pre_gate_x.unbind(1), pre_upd_x.unbind(1)
 
-        state = xs.new_zeros(B, N, H, dtype=pre_gate_x.dtype)
+        state = xs.new_zeros(B, N, H, dtype=pre_gate_x[0].dtype)
         states = []
         for t in range(T):
-            pre = pre_gate_x[:, t]
-            if t > 0:
-                pre = pre + gate_h.matmul(graph.propagate(state, k))
-            zh, r = gcru_gate(pre, state, backend=self.backend)
-            pre_c = pre_upd_x[:, t]
-            if t > 0:  # zh == 0 at t == 0
-                pre_c = pre_c + update_h.matmul(graph.propagate(zh, k))
-            state = gcru_update(pre_c, r, state, backend=self.backend)
+            if t == 0:  # zero state: no graph products (zh == 0), a light step saved as is
+                zh, r = gcru_gate(pre_gate_x[0], state, backend=self.backend)
+                state = gcru_update(pre_upd_x[0], r, state, backend=self.backend)
+            else:
+                state = self._cell(state, pre_gate_x[t], pre_upd_x[t], graph, gate_h, update_h)
             states.append(state)
         return torch.stack(states, dim=1)
 
