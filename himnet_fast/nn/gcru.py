@@ -64,30 +64,29 @@ class HimGCRU(nn.Module):
         return self._step(x, state, graph, gate, update)
 
     def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
-        """One step from x (B, N, C) and state (B, N, H): the input half of both graph
-        convolutions (``T_k x`` times its weight rows, bias included) is computed here, the
-        state half inside :func:`~himnet_fast.ops.gcru_cell`."""
-        k = self.gate.cheb_k
-        ix, ih = _split_rows(k, x.shape[-1], self.hidden_dim, x.device)
-        gate_x, gate_h = gate.split_rows(ix, ih)
-        update_x, update_h = update.split_rows(ix, ih)
-        zx = graph.propagate(x, k)
-        return self._cell(state, gate_x(zx), update_x(zx), graph, gate_h, update_h)
+        """One step from x (B, N, C) and state (B, N, H): the input is propagated here, the
+        rest of the step runs in :func:`~himnet_fast.ops.gcru_cell`."""
+        return self._cell(graph.propagate(x, self.gate.cheb_k), state, graph, gate, update)
 
-    def _cell(self, state, pre_gate_x, pre_update_x, graph, gate_h: GeneratedLinear,
-              update_h: GeneratedLinear) -> torch.Tensor:
-        """The state half of a step: :func:`~himnet_fast.ops.gcru_cell` on the h-row weights."""
-        query = gate_h.query if gate_h.streamed else None
-        return cell_step(state, pre_gate_x, pre_update_x, graph, self.gate.cheb_k, gate_h.axis,
-                         gate_h.weight, update_h.weight, query, self.backend, self.recompute)
+    def _cell(self, zx, state, graph, gate: GeneratedLinear, update: GeneratedLinear) -> torch.Tensor:
+        """:func:`~himnet_fast.ops.gcru_cell` on zx (B, N, K*C) with the weight rows of x and h
+        split once per generated map (cached on it, so a decoder's steps reuse them)."""
+        k = self.gate.cheb_k
+        ix, ih = _split_rows(k, zx.shape[-1] // k, self.hidden_dim, zx.device)
+        gx, gh = gate.split_rows(ix, ih)
+        ux, uh = update.split_rows(ix, ih)
+        query = gh.query if gh.streamed else None
+        return cell_step(state, zx, graph, k, gh.axis, (gx.weight, gh.weight, gate.bias),
+                         (ux.weight, uh.weight, update.bias), query, self.backend, self.recompute)
 
     def run_sequence(self, xs: torch.Tensor, graph, embeddings=None) -> torch.Tensor:
         """All T steps from a zero state: xs (B, T, N, C) -> states (B, T, N, H).
 
-        Lean form of the encoder loop: weights are generated once; the input half of both graph
-        convolutions (``T_k x_t`` times its weight rows) is computed for all T steps in one call,
-        leaving only the state half inside the recurrence; the first step skips the all-zero
-        state.
+        Weights are generated once per sequence (so the per-node "S" weight gradient is summed
+        over the steps by autograd and pushed into the pool once); the input is propagated for
+        all T steps in one call per term; each later step is one
+        :func:`~himnet_fast.ops.gcru_cell` (recomputed in backward); the first step, with its
+        all-zero state, needs no graph product on the state.
         """
         B, T, N, C = xs.shape
         H, k = self.hidden_dim, self.gate.cheb_k
@@ -96,22 +95,18 @@ class HimGCRU(nn.Module):
         ix, ih = _split_rows(k, C, H, xs.device)
         # T_k applies to every step alike: fold the steps into value columns, one call per term.
         terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), k)
-        zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)
-        pre_gate_x = gate.select_rows(ix)(zx)       # (B, T, N, 2H), bias included
-        pre_upd_x = update.select_rows(ix)(zx)      # (B, T, N, H)
-        gate_h, update_h = gate.select_rows(ih), update.select_rows(ih)
+        zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
         # unbind, not [:, t]: its backward stacks the T step gradients once instead of
-        # scattering each into a fresh zero (B, T, N, O) buffer.
-        pre_gate_x, pre_upd_x = pre_gate_x.unbind(1), pre_upd_x.unbind(1)
-
-        state = xs.new_zeros(B, N, H, dtype=pre_gate_x[0].dtype)
-        states = []
-        for t in range(T):
-            if t == 0:  # zero state: no graph products (zh == 0), a light step saved as is
-                zh, r = gcru_gate(pre_gate_x[0], state, backend=self.backend)
-                state = gcru_update(pre_upd_x[0], r, state, backend=self.backend)
-            else:
-                state = self._cell(state, pre_gate_x[t], pre_upd_x[t], graph, gate_h, update_h)
+        # scattering each into a fresh zero (B, T, N, K*C) buffer.
+        zxs = zx.unbind(1)
+        # Step 0 (h = 0): only the input rows and the bias act; plain autograd, it saves little.
+        z0 = zxs[0]
+        state = xs.new_zeros(B, N, H, dtype=z0.dtype)
+        zh, r = gcru_gate(gate.split_rows(ix, ih)[0](z0), state, backend=self.backend)
+        state = gcru_update(update.split_rows(ix, ih)[0](z0), r, state, backend=self.backend)
+        states = [state]
+        for t in range(1, T):
+            state = self._cell(zxs[t], state, graph, gate, update)
             states.append(state)
         return torch.stack(states, dim=1)
 
