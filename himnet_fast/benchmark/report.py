@@ -60,7 +60,7 @@ def summary_table(df):
     import pandas as pd
 
     d = add_ratios(df)
-    order = {p: i for i, p in enumerate(["reference", "reference-compile", "torch", "torch-compile",
+    order = {p: i for i, p in enumerate(["reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile",
                                          "triton", "cuda", "flex"])}
     d["_o"] = d.provider.map(order).fillna(99)
     d = d.sort_values(["kernel", "mode", "x", "_o"], kind="stable")

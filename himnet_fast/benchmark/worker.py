@@ -97,7 +97,7 @@ class Job:
         provider = self.spec["provider"]
         if is_oom(exc):
             self.emit(mode=mode, status="oom", reason=f"out of memory {during}: {_short(exc, 200)}")
-        elif provider.endswith("-compile") or provider == "flex":
+        elif "-compile" in provider or provider == "flex":
             # A provider that cannot compile this program is unavailable, not wrong.
             self.emit(mode=mode, status="skipped", reason=f"torch.compile failed {during}: {_short(exc)}")
         else:
@@ -131,7 +131,8 @@ def _model_pair_error(provider: str, preset, n: int, batch: int, device, mode: s
         module = P.build_module(provider, preset, n, device)
         P.set_mode(module, mode)
         step = P.model_step(P.maybe_compile(provider, module), list(module.parameters()), inputs, mode)
-    ref = P.build_module("reference", preset, n, device)
+    # The same teacher-forcing setting as the provider's model (a "-notf" provider has it off).
+    ref = P.build_module("reference" + (P.NO_TF if provider.endswith(P.NO_TF) else ""), preset, n, device)
     ref.load_state_dict(module.state_dict())
     P.set_mode(ref, mode)
     want = P.model_step(ref, list(ref.parameters()), inputs, mode)()
