@@ -185,7 +185,7 @@ def test_pooled_s_equals_materialized_s():
     want = gcru_cell(zx, h2, graph, gate, update, axis="S")
     assert _rel(got, want) < 1e-10
     leaves = [ref.gate.weights_pool, ref.update.weights_pool]
-    gg = torch.autograd.grad(got.sum(), leaves + [q, hh])
+    gg = torch.autograd.grad(got.sum(), leaves + [q, hh], retain_graph=True)
     gw = torch.autograd.grad(want.sum(), leaves + [emb, h2])
     for a, b in zip(gg, gw):
         assert _rel(a, b) < 1e-10
