@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import parity_backends
+
 from himnet_fast.nn.gcru import HimEncoder, HimGCRU, _split_rows
 from himnet_fast.ops import AdaptiveGraph, gcru_cell
 from himnet_fast.reference import RefHimEncoder, RefHimGCRU, _ref_propagate_support, ref_adaptive_graph
@@ -189,3 +191,24 @@ def test_pooled_s_equals_materialized_s():
     gw = torch.autograd.grad(want.sum(), leaves + [emb, h2])
     for a, b in zip(gg, gw):
         assert _rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("backend", parity_backends())
+@pytest.mark.parametrize("axis", ["S", "ST"])
+def test_backends_inside_the_recompute(backend, axis):
+    """The recompute Function runs the registered ops of the chosen backend (Triton in the
+    interpreter on CPU): outputs and gradients equal plain autograd on the torch backend."""
+    ref, x, h, e_graph, emb = _case(axis, B=2, N=5, C=2, H=4, D=2, dtype=torch.float32)
+    zx, _, gate, update, q = _op_args(ref, x, e_graph, emb, axis, 2)
+    base = [zx, h, e_graph, *gate, *update] + ([q] if q is not None else [])
+    res = {}
+    for be, rc in ((backend, True), ("torch", False)):
+        ins = [t.detach().clone().requires_grad_(True) for t in base]
+        g = AdaptiveGraph(ins[2], dense=False, backend=be)  # streamed: the backend's propagation
+        out = gcru_cell(ins[0], ins[1], g, ins[3:6], ins[6:9], axis=axis,
+                        query=ins[9] if q is not None else None, backend=be, recompute=rc)
+        res[be, rc] = (out, torch.autograd.grad(out.square().sum(), ins))
+    (o1, g1), (o2, g2) = res[backend, True], res["torch", False]
+    assert _rel(o1, o2) < 1e-5
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-4
