@@ -212,3 +212,15 @@ def test_backends_inside_the_recompute(backend, axis):
     assert _rel(o1, o2) < 1e-5
     for a, b in zip(g1, g2):
         assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 5, 3)])
+def test_dense_graph_gradcheck(shape):
+    """The dense graph's relu-softmax saves probabilities and a mask only: fp64 gradcheck,
+    with negative scores present so the ReLU mask matters."""
+    from himnet_fast.ops import adaptive_graph
+
+    e = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    s = e @ e.transpose(-1, -2)
+    assert (s < 0).any()
+    assert torch.autograd.gradcheck(adaptive_graph, (e,))
