@@ -88,6 +88,12 @@ class HimGCRU(nn.Module):
         :func:`~himnet_fast.ops.gcru_cell` (recomputed in backward); the first step, with its
         all-zero state, needs no graph product on the state.
         """
+        return self._run_sequence(xs, graph, embeddings)[0]
+
+    def _run_sequence(self, xs, graph, embeddings=None):
+        """(states (B, T, N, H), last state (B, N, H)): the last state as its own tensor, so a
+        caller that only needs it sends no gradient through the stack (whose backward would
+        scatter it into a zero (B, T, N, H) buffer)."""
         B, T, N, C = xs.shape
         H, k = self.hidden_dim, self.gate.cheb_k
         graph = as_graph(graph)
@@ -108,7 +114,7 @@ class HimGCRU(nn.Module):
         for t in range(1, T):
             state = self._cell(zxs[t], state, graph, gate, update)
             states.append(state)
-        return torch.stack(states, dim=1)
+        return torch.stack(states, dim=1), state
 
 
 class _Stack(nn.Module):
@@ -141,8 +147,8 @@ class HimEncoder(_Stack):
         graph = as_graph(support)
         current, last = x, []
         for cell in self.cells:
-            current = cell.run_sequence(current, graph, embeddings)
-            last.append(current[:, -1])
+            current, state = cell._run_sequence(current, graph, embeddings)
+            last.append(state)
         return current, last
 
 
