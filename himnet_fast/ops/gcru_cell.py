@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
-from ._common import autocast_dtype, needs_grad
+from ._common import autocast_dtype, cast, compute_dtype, needs_grad, no_autocast
 from .adaptive_propagate import AdaptiveGraph
 from .gcru import gcru_gate, gcru_update
 from .meta_linear import apply_generated
@@ -53,22 +53,24 @@ class _PoolLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, q, pool):
-        y = None
+        # Sums over d accumulate in fp32 (or fp64) even for bf16/fp16 inputs, as one GEMM would.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = torch.zeros(*x.shape[:-1], pool.shape[-1], dtype=acc, device=x.device)
         for d in range(pool.shape[0]):
-            t = torch.matmul(x, pool[d])
-            t.mul_(q[..., d:d + 1])
-            y = t if y is None else y.add_(t)
+            y.addcmul_(torch.matmul(x, pool[d]), q[..., d:d + 1])
         ctx.save_for_backward(x, q, pool)
-        return y
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, q, pool = ctx.saved_tensors
         need_x, need_q, need_p = ctx.needs_input_grad
-        dx = torch.zeros_like(x) if need_x else None
+        acc = torch.promote_types(x.dtype, torch.float32)
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
         dq = torch.empty_like(q) if need_q else None
         dp = torch.empty_like(pool) if need_p else None
         x2 = x.reshape(-1, x.shape[-1])
+        dy = dy.to(x.dtype)
         for d in range(pool.shape[0]):
             qd = q[..., d:d + 1]
             if need_x or need_p:
@@ -78,9 +80,9 @@ class _PoolLinear(torch.autograd.Function):
                 if need_p:
                     torch.mm(x2.t(), g.reshape(-1, g.shape[-1]), out=dp[d])
             if need_q:
-                s = (torch.matmul(x, pool[d]) * dy).sum(-1)  # (B, N)
+                s = (torch.matmul(x, pool[d]).to(acc) * dy).sum(-1)  # (B, N)
                 dq[..., d] = s if q.dim() == x.dim() else s.sum(0)
-        return dx, dq, dp
+        return (dx.to(x.dtype) if need_x else None), dq, dp
 
 
 def _matmul(axis, weight, query, backend, x):
@@ -90,7 +92,10 @@ def _matmul(axis, weight, query, backend, x):
         return apply_generated(x, weight, axis or "")
     name, _ = _backend.resolve("meta_linear", backend, x.device, needs_grad(x, query, weight))
     if name == "torch":
-        return _PoolLinear.apply(x, query, weight)
+        # Like the op front-ends: one compute dtype (autocast's, if on) and no autocast inside.
+        dt = compute_dtype(x.device, x, query, weight)
+        with no_autocast(x.device):
+            return _PoolLinear.apply(cast(x, dt), cast(query, dt), cast(weight, dt))
     from .meta_linear import meta_linear
 
     return meta_linear(x, query, weight, None, axis, backend=backend)
