@@ -10,7 +10,7 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_tensor
 from ..ops.gcru import gcru_gate, gcru_update
-from ..ops.gcru_cell import cell_step
+from ..ops.gcru_cell import cell_step, sink_node_weight
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
 
@@ -68,16 +68,34 @@ class HimGCRU(nn.Module):
         rest of the step runs in :func:`~himnet_fast.ops.gcru_cell`."""
         return self._cell(graph.propagate(x, self.gate.cheb_k), state, graph, gate, update)
 
-    def _cell(self, zx, state, graph, gate: GeneratedLinear, update: GeneratedLinear) -> torch.Tensor:
+    def _cell(self, zx, state, graph, gate: GeneratedLinear, update: GeneratedLinear,
+              sunk=None) -> torch.Tensor:
         """:func:`~himnet_fast.ops.gcru_cell` on zx (B, N, K*C) with the weight rows of x and h
-        split once per generated map (cached on it, so a decoder's steps reuse them)."""
+        split once per generated map (cached on it, so a decoder's steps reuse them).
+        ``sunk``: ((gate_h weight, acc), (update_h weight, acc)) from :meth:`_sink`."""
         k = self.gate.cheb_k
         ix, ih = _split_rows(k, zx.shape[-1] // k, self.hidden_dim, zx.device)
         gx, gh = gate.split_rows(ix, ih)
         ux, uh = update.split_rows(ix, ih)
         query = gh.query if gh.streamed else None
-        return cell_step(state, zx, graph, k, gh.axis, (gx.weight, gh.weight, gate.bias),
-                         (ux.weight, uh.weight, update.bias), query, self.backend, self.recompute)
+        wgh, wuh, accs = gh.weight, uh.weight, None
+        if sunk is not None:
+            (wgh, acc_g), (wuh, acc_u) = sunk
+            accs = (acc_g, acc_u)
+        return cell_step(state, zx, graph, k, gh.axis, (gx.weight, wgh, gate.bias),
+                         (ux.weight, wuh, update.bias), query, self.backend, self.recompute, accs)
+
+    def _sink(self, gate: GeneratedLinear, update: GeneratedLinear, c: int):
+        """For a recomputed sequence on materialised per-node ("S") weights: the state-row
+        weights wrapped so that the steps accumulate their gradient in one buffer each
+        (:class:`~himnet_fast.ops.gcru_cell.NodeWeightGrad`); None otherwise."""
+        if not (self.recompute and gate.axis == "S" and not gate.streamed and torch.is_grad_enabled()):
+            return None
+        ix, ih = _split_rows(self.gate.cheb_k, c, self.hidden_dim, gate.query.device)
+        ws = (gate.split_rows(ix, ih)[1].weight, update.split_rows(ix, ih)[1].weight)
+        if not all(w.requires_grad for w in ws):
+            return None
+        return tuple(sink_node_weight(w) for w in ws)
 
     def run_sequence(self, xs: torch.Tensor, graph, embeddings=None) -> torch.Tensor:
         """All T steps from a zero state: xs (B, T, N, C) -> states (B, T, N, H).
@@ -111,8 +129,9 @@ class HimGCRU(nn.Module):
         zh, r = gcru_gate(gate.split_rows(ix, ih)[0](z0), state, backend=self.backend)
         state = gcru_update(update.split_rows(ix, ih)[0](z0), r, state, backend=self.backend)
         states = [state]
+        sunk = self._sink(gate, update, C) if T > 1 else None
         for t in range(1, T):
-            state = self._cell(zxs[t], state, graph, gate, update)
+            state = self._cell(zxs[t], state, graph, gate, update, sunk)
             states.append(state)
         return torch.stack(states, dim=1), state
 

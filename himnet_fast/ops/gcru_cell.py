@@ -85,6 +85,67 @@ class _PoolLinear(torch.autograd.Function):
         return (dx.to(x.dtype) if need_x else None), dq, dp
 
 
+class NodeWeightGrad:
+    """One gradient buffer for a per-node weight (N, I, O) shared by the steps of a sequence.
+
+    Plain autograd gives every step its own (N, I, O) weight gradient and then adds it to the
+    running sum: two such tensors live at once (58 MB each for the PEMS07 gate). With this
+    buffer, each step's backward adds ``x_nᵀ dy_n`` into it in place (``_NodeLinearAcc``) and
+    the step op returns no weight gradient; :func:`sink_node_weight` hands the sum to autograd
+    once, after the last step's backward."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self):
+        self.buf = None
+
+
+class _GradSink(torch.autograd.Function):
+    """Identity on the weight; its backward returns what the steps accumulated."""
+
+    @staticmethod
+    def forward(ctx, w, acc):
+        ctx.acc = acc
+        ctx.set_materialize_grads(False)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        buf, ctx.acc.buf = ctx.acc.buf, None
+        if g is not None:
+            buf = g if buf is None else buf.add_(g)
+        return buf, None
+
+
+def sink_node_weight(w: torch.Tensor):
+    """(w for the steps, its accumulator): see :class:`NodeWeightGrad`."""
+    acc = NodeWeightGrad()
+    return _GradSink.apply(w, acc), acc
+
+
+class _NodeLinearAcc(torch.autograd.Function):
+    """Per-node ``y[:, n] = x[:, n] @ W[n]`` (x (B, N, I), W (N, I, O)) whose weight gradient
+    goes into ``acc.buf`` in place; returns None for W."""
+
+    @staticmethod
+    def forward(ctx, x, w, acc):
+        ctx.acc = acc
+        ctx.save_for_backward(x, w)
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dyt = dy.transpose(0, 1)                 # (N, B, O)
+        xt = x.transpose(0, 1).transpose(1, 2)   # (N, I, B)
+        if ctx.acc.buf is None:
+            ctx.acc.buf = torch.bmm(xt, dyt)
+        else:
+            ctx.acc.buf.baddbmm_(xt, dyt)
+        dx = torch.bmm(dyt, w.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
 def _matmul(axis, weight, query, backend, x):
     """``x @ W`` without bias for the weight forms of :func:`gcru_cell`: plain (I, O), "T"
     (B, I, O), "S" (N, I, O), or a pool (D, I, O) with a query ("ST", streamed "S")."""
@@ -122,12 +183,19 @@ def _rebuild_graph(graph: AdaptiveGraph, t) -> AdaptiveGraph:
 
 
 def _step(spec, h, zx, gt, wgx, wgh, bg, wux, wuh, bu, q):
-    """The cell's math from tensors; ``spec`` = (graph without tensor, cheb_k, axis, backend)."""
-    graph, k, axis, backend = spec
+    """The cell's math from tensors; ``spec`` = (graph without tensor, cheb_k, axis, backend,
+    accumulators of the two state-row weights or None)."""
+    graph, k, axis, backend, accs = spec
     graph = _rebuild_graph(graph, gt)
-    pre = _matmul(axis, wgx, q, backend, zx) + _matmul(axis, wgh, q, backend, graph.propagate(h, k))
+
+    def hmat(w, acc, v):
+        if acc is not None and torch.is_grad_enabled():
+            return _NodeLinearAcc.apply(v, w, acc)
+        return _matmul(axis, w, q, backend, v)
+    acc_g, acc_u = accs if accs is not None else (None, None)
+    pre = _matmul(axis, wgx, q, backend, zx) + hmat(wgh, acc_g, graph.propagate(h, k))
     zh, r = gcru_gate(_add_bias(axis, pre, bg), h, backend=backend)
-    pre_c = _matmul(axis, wux, q, backend, zx) + _matmul(axis, wuh, q, backend, graph.propagate(zh, k))
+    pre_c = _matmul(axis, wux, q, backend, zx) + hmat(wuh, acc_u, graph.propagate(zh, k))
     return gcru_update(_add_bias(axis, pre_c, bu), r, h, backend=backend)
 
 
@@ -175,10 +243,14 @@ class _autocast_like:
 
 
 def cell_step(h, zx, graph: AdaptiveGraph, cheb_k: int, axis, gate: Sequence, update: Sequence,
-              query, backend, recompute: bool = True) -> torch.Tensor:
-    """Unchecked :func:`gcru_cell` for the modules (the arguments are built there)."""
+              query, backend, recompute: bool = True, accs=None) -> torch.Tensor:
+    """Unchecked :func:`gcru_cell` for the modules (the arguments are built there). ``accs``:
+    (gate, update) :class:`NodeWeightGrad` of the per-node ("S") state-row weights, which then
+    come from :func:`sink_node_weight` (recompute only)."""
+    if not recompute or axis != "S" or query is not None:
+        accs = None
     # The spec keeps the graph's settings, not its tensor (that one is a saved input).
-    spec = (_rebuild_graph(graph, None), cheb_k, axis, backend)
+    spec = (_rebuild_graph(graph, None), cheb_k, axis, backend, accs)
     args = (h, zx, _graph_tensor(graph), *gate, *update, query)
     if recompute and needs_grad(*args):
         return _GCRUCellRecompute.apply(spec, *args)
