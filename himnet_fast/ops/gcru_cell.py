@@ -129,20 +129,23 @@ class _NodeLinearAcc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, acc):
+        # x arrives in the compute dtype (autocast's, if on); the gradient buffer stays in the
+        # weight's own dtype, as autograd would hand it to the weight.
         ctx.acc = acc
         ctx.save_for_backward(x, w)
-        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
+        return torch.bmm(x.transpose(0, 1), w.to(x.dtype)).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        dy = dy.to(x.dtype)
         dyt = dy.transpose(0, 1)                 # (N, B, O)
         xt = x.transpose(0, 1).transpose(1, 2)   # (N, I, B)
         if ctx.acc.buf is None:
-            ctx.acc.buf = torch.bmm(xt, dyt)
+            ctx.acc.buf = torch.bmm(xt, dyt).to(w.dtype)
         else:
-            ctx.acc.buf.baddbmm_(xt, dyt)
-        dx = torch.bmm(dyt, w.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
+            ctx.acc.buf.baddbmm_(xt.to(w.dtype), dyt.to(w.dtype))
+        dx = torch.bmm(dyt, w.to(x.dtype).transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
         return dx, None, None
 
 
@@ -190,7 +193,9 @@ def _step(spec, h, zx, gt, wgx, wgh, bg, wux, wuh, bu, q):
 
     def hmat(w, acc, v):
         if acc is not None and torch.is_grad_enabled():
-            return _NodeLinearAcc.apply(v, w, acc)
+            dt = compute_dtype(v.device, v, w)
+            with no_autocast(v.device):
+                return _NodeLinearAcc.apply(cast(v, dt), w, acc)
         return _matmul(axis, w, q, backend, v)
     acc_g, acc_u = accs if accs is not None else (None, None)
     pre = _matmul(axis, wgx, q, backend, zx) + hmat(wgh, acc_g, graph.propagate(h, k))
