@@ -44,10 +44,18 @@ def test_bench_subcommand_writes_csv_markdown_and_plots(tmp_path):
         assert r["mem_kind"] == "rss" and r["device"] and r["torch"] and r["timestamp"]
     assert float(by["torch"]["max_rel_err"]) <= P.tolerance()
     assert float(by["torch"]["check_n"]) == 16
+    # Memory breakdown: params > 0, grads = params, Adam = 2x params, saved activations
+    # measured (the reference saves every intermediate, the recomputing torch backend less).
+    for name in ("reference", "torch"):
+        r = by[name]
+        params = float(r["mem_params_mb"])
+        assert params > 0 and float(r["mem_grads_mb"]) == params and float(r["mem_adam_mb"]) == 2 * params
+        assert float(r["mem_saved_mb"]) > 0
+    assert float(by["torch"]["mem_saved_mb"]) < float(by["reference"]["mem_saved_mb"])
     assert by["triton"]["status"] == "skipped" and "interpreter" in by["triton"]["reason"]
     md = (out / f"{stem}.md").read_text()
     assert "| kernel | mode | N | B | provider | status | p50 ms |" in md
-    assert "speedup vs ref" in md and "memory ratio vs ref" in md
+    assert "speedup vs ref" in md and "memory ratio vs ref" in md and "saved act. MiB" in md
     png = out / f"{stem}_himnet_train.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
 

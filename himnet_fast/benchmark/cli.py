@@ -10,7 +10,7 @@ import sys
 
 _OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
 _WHAT = ("himnet",) + _OPS
-_PROVIDERS = ("reference", "reference-compile", "torch", "torch-compile", "triton", "cuda", "flex")
+_PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile", "triton", "cuda", "flex")
 
 
 def _common(p: argparse.ArgumentParser, default_what: str) -> None:

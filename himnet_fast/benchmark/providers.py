@@ -3,7 +3,12 @@
 Providers (measured side by side in one run):
 
 * ``reference``: :mod:`himnet_fast.reference`, the original algorithm, eager.
-* ``reference-compile``: the same under ``torch.compile``.
+* ``reference-compile``: the same under ``torch.compile`` (teacher forcing on in train mode:
+  its host-side coin flips break the compiled graph at every decoder step).
+* ``reference-compile-notf``: ``torch.compile`` of the whole original model built with
+  ``use_teacher_forcing=False``, so it compiles without graph breaks (what a user compiling
+  the original for memory would run); its agreement check uses the reference without teacher
+  forcing too.
 * ``torch``: ``HimNet(backend="torch")`` / the ops with ``backend="torch"``.
 * ``torch-compile``: the torch backend under ``torch.compile``.
 * ``triton``, ``cuda``: the fused kernels (GPU; skipped with a reason elsewhere).
@@ -27,7 +32,9 @@ import torch
 
 from ..presets import Preset
 
-MODEL_PROVIDERS = ("reference", "reference-compile", "torch", "torch-compile", "triton", "cuda")
+MODEL_PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile",
+                   "triton", "cuda")
+NO_TF = "-notf"  # suffix: the model is built with use_teacher_forcing=False
 OP_PROVIDERS = MODEL_PROVIDERS + ("flex",)
 OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
 MODEL = "himnet"
@@ -58,7 +65,9 @@ def unavailable_reason(provider: str, device: torch.device, what: str) -> Option
         except ImportError:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         return None
-    if provider.endswith("-compile") and not hasattr(torch, "compile"):
+    if provider.endswith(NO_TF) and what != MODEL:
+        return "teacher forcing concerns the whole model only"
+    if "-compile" in provider and not hasattr(torch, "compile"):
         return "torch.compile is not available"
     if provider in ("triton", "cuda"):
         if provider == "triton" and device.type == "cpu":
@@ -103,6 +112,9 @@ def build_module(provider: str, preset: Preset, num_nodes: int, device: torch.de
                  seed: int = 0) -> torch.nn.Module:
     """The eager module behind ``provider`` (reference or himnet_fast), seeded."""
     kwargs = preset.model_kwargs(num_nodes)
+    if provider.endswith(NO_TF):
+        kwargs["use_teacher_forcing"] = False
+        provider = provider[:-len(NO_TF)]
     torch.manual_seed(seed)
     if provider.startswith("reference"):
         from ..reference import RefHimNet
@@ -114,7 +126,7 @@ def build_module(provider: str, preset: Preset, num_nodes: int, device: torch.de
 
 
 def maybe_compile(provider: str, fn):
-    return torch.compile(fn) if provider.endswith("-compile") else fn
+    return torch.compile(fn) if "-compile" in provider else fn
 
 
 def model_step(model, params: List[torch.Tensor], inputs: Dict, mode: str) -> Callable[[], torch.Tensor]:

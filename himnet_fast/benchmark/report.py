@@ -68,12 +68,19 @@ def _predicted(row):
         return None
 
 
+def _col(d, name):
+    """A breakdown column formatted, blank where absent (CSVs written before it existed)."""
+    if name not in d:
+        return [""] * len(d)
+    return d[name].map(lambda v: _fmt(v, ".1f"))
+
+
 def summary_table(df):
     """One line per (kernel, mode, N, provider): time, memory and ratios vs the reference."""
     import pandas as pd
 
     d = add_ratios(df)
-    order = {p: i for i, p in enumerate(["reference", "reference-compile", "torch", "torch-compile",
+    order = {p: i for i, p in enumerate(["reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile",
                                          "triton", "cuda", "flex"])}
     d["_o"] = d.provider.map(order).fillna(99)
     d = d.sort_values(["kernel", "mode", "x", "_o"], kind="stable")
@@ -88,6 +95,10 @@ def summary_table(df):
         "peak MiB (abs)": d.peak_mem_abs_mb.map(lambda v: _fmt(v, ".0f")),
         "speedup vs ref": d.speedup.map(lambda v: _fmt(v, ".2f") + "x" if _num(v) else ""),
         "memory ratio vs ref": d.mem_ratio.map(lambda v: _fmt(v, ".2f") + "x" if _num(v) else ""),
+        "params MiB": _col(d, "mem_params_mb"),
+        "grads MiB": _col(d, "mem_grads_mb"),
+        "Adam state MiB": _col(d, "mem_adam_mb"),
+        "saved act. MiB": _col(d, "mem_saved_mb"),
         "samples/s": d.samples_per_s.map(lambda v: _fmt(v, ".3g")),
         "TFLOP/s": d.tflops.map(lambda v: _fmt(v, ".3g")),
         "% peak": d.pct_peak_tflops.map(lambda v: _fmt(v, ".2g")),
@@ -117,6 +128,10 @@ def write_markdown(df, path: str, cfg=None, command: str = "") -> str:
               "(RSS on CPU, allocated memory on a GPU), and the absolute peak. Ratios are against "
               "`reference` at the same N and batch: speedup = reference time / time, memory ratio = "
               "reference peak / peak. \"first call\" includes torch.compile's compilation. "
+              "Training rows break memory down: params, their grads, the state Adam would add "
+              "(2x params, computed), and the activations the forward saves for backward "
+              "(saved-tensor hooks; not measured under torch.compile); the rest of the peak is "
+              "transient buffers and heap the allocator keeps. "
               "Model TFLOP/s count the matmul FLOPs of the lean algorithm; train = forward + backward. "
               "PREDICTED is not a measurement: the roofline time at 60 % of H100 limits for the row's "
               "algorithm (the original's for reference providers; `himnet-fast roofline` shows the counts); "

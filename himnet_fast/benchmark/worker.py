@@ -73,13 +73,18 @@ class Job:
         with open(self.out_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def measure(self, fn, mode: str, flops, nbytes, first_call_ms, max_err, check_n) -> None:
+    def measure(self, fn, mode: str, flops, nbytes, first_call_ms, max_err, check_n, after=None,
+                extra=None) -> None:
+        """Time ``fn``; ``after()`` runs once the peak is read and may fill ``extra`` (more
+        columns of the row, e.g. the memory breakdown)."""
         from . import metrics
 
         mem = metrics.MemoryMeter(self.device)
         mem.start()
         times = metrics.time_calls(fn, self.device, self.repeats)
         base, peak_abs, peak_inc = mem.stop()
+        if after is not None:
+            after()
         p20, p50, p80 = metrics.quantiles(times)
         sec = p50 / 1e3
         tflops = flops / sec / 1e12 if flops else None
@@ -91,13 +96,13 @@ class Job:
                   tflops=tflops, gbps=gbps,
                   pct_peak_tflops=100 * tflops / self.peak_tflops if tflops and self.peak_tflops else None,
                   pct_peak_gbps=100 * gbps / self.peak_gbps if gbps and self.peak_gbps else None,
-                  max_rel_err=max_err, check_n=check_n)
+                  max_rel_err=max_err, check_n=check_n, **(extra or {}))
 
     def fail(self, mode: str, exc: BaseException, during: str) -> None:
         provider = self.spec["provider"]
         if is_oom(exc):
             self.emit(mode=mode, status="oom", reason=f"out of memory {during}: {_short(exc, 200)}")
-        elif provider.endswith("-compile") or provider == "flex":
+        elif "-compile" in provider or provider == "flex":
             # A provider that cannot compile this program is unavailable, not wrong.
             self.emit(mode=mode, status="skipped", reason=f"torch.compile failed {during}: {_short(exc)}")
         else:
@@ -131,7 +136,8 @@ def _model_pair_error(provider: str, preset, n: int, batch: int, device, mode: s
         module = P.build_module(provider, preset, n, device)
         P.set_mode(module, mode)
         step = P.model_step(P.maybe_compile(provider, module), list(module.parameters()), inputs, mode)
-    ref = P.build_module("reference", preset, n, device)
+    # The same teacher-forcing setting as the provider's model (a "-notf" provider has it off).
+    ref = P.build_module("reference" + (P.NO_TF if provider.endswith(P.NO_TF) else ""), preset, n, device)
     ref.load_state_dict(module.state_dict())
     P.set_mode(ref, mode)
     want = P.model_step(ref, list(ref.parameters()), inputs, mode)()
@@ -147,6 +153,48 @@ def _model_pair_error(provider: str, preset, n: int, batch: int, device, mode: s
     del ref, want, got
     gc.collect()
     return err, got_ms
+
+
+def memory_breakdown(provider: str, module, inputs, mode: str) -> dict:
+    """Where a training step's memory goes, in MiB: parameters, their gradients, the optimizer
+    state Adam would add (exp_avg and exp_avg_sq: 2x the parameters; the benchmark step runs no
+    optimizer, so this is computed, not measured), and the activations autograd keeps from the
+    forward for the backward, measured in one extra step: the distinct storages packed through
+    ``torch.autograd.graph.saved_tensors_hooks`` during the forward, parameters excluded.
+    Not measured for compiled providers (the hooks would make torch.compile recompile)."""
+    import numpy as np
+    import torch
+
+    from . import providers as P
+
+    params = list(module.parameters())
+    pbytes = sum(p.numel() * p.element_size() for p in params)
+    out = dict(mem_params_mb=pbytes / 2**20)
+    if mode != "train":
+        return out
+    out.update(mem_grads_mb=pbytes / 2**20, mem_adam_mb=2 * pbytes / 2**20)
+    if "-compile" in provider:
+        return out
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_ptrs:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    x, y_cov, labels = inputs["x"], inputs["y_cov"], inputs["labels"]
+    np.random.seed(0)
+    # Only the forward under the hooks: what a recomputing op saves again inside its own
+    # backward is transient, not kept from the forward.
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (module(x, y_cov, labels, P.BATCHES_SEEN) - labels).abs().mean()
+    out["mem_saved_mb"] = sum(saved.values()) / 2**20
+    loss.backward()
+    for p in params:
+        p.grad = None
+    return out
 
 
 def run_model(job: Job) -> None:
@@ -179,8 +227,14 @@ def run_model(job: Job) -> None:
             return
     try:
         warm_ms = job.warm(step)
+        # Measured after the timed calls' peak: one more step, outside the peak window.
+        extra = {}
+
+        def breakdown():
+            extra.update(memory_breakdown(provider, module, inputs, mode))
         job.measure(step, mode, P.model_flops(job.preset, job.n, job.batch, mode), None,
-                    first_ms if first_ms is not None else warm_ms, err, check_n)
+                    first_ms if first_ms is not None else warm_ms, err, check_n, after=breakdown,
+                    extra=extra)
     except Exception as exc:  # noqa: BLE001
         job.fail(mode, exc, "while timing")
 

@@ -46,13 +46,37 @@ class GeneratedLinear:
         if self.streamed:
             self.weight = gcn.weights_pool
         else:
-            self.weight = generate_weights(embeddings, gcn.weights_pool, self.axis)
+            # Generated on first use (__getattr__): a caller that splits the rows (the GCRU
+            # cell: input rows / state rows) generates each half from its pool slice and never
+            # builds the whole (N, I, O) weight, nor, in backward, its zero-filled gradient.
+            self.pool = gcn.weights_pool
+
+    def __getattr__(self, name):
+        # Only reached when ``name`` is not set: the lazily generated "T"/"S" weight.
+        if name == "weight" and self.__dict__.get("pool") is not None:
+            w = generate_weights(self.query, self.pool, self.axis)
+            self.__dict__["weight"] = w
+            return w
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def select_rows(self, rows: torch.Tensor) -> "GeneratedLinear":
         out = GeneratedLinear.__new__(GeneratedLinear)
         out.__dict__.update(self.__dict__)
-        out.weight = self.weight.index_select(-2, rows)
+        out.__dict__.pop("_splits", None)
+        if self.__dict__.get("pool") is not None and "weight" not in self.__dict__:
+            out.pool = self.pool.index_select(-2, rows)  # (D, rows, O): small
+        else:
+            out.weight = self.weight.index_select(-2, rows)
         return out
+
+    def split_rows(self, rows_x: torch.Tensor, rows_h: torch.Tensor) -> tuple:
+        """``(select_rows(rows_x), select_rows(rows_h))``, cached on this object: a decoder
+        reuses one generated map for every step and must not copy its weight rows each time."""
+        key = (rows_x.data_ptr(), rows_x.numel(), rows_h.data_ptr(), rows_h.numel())
+        cache = self.__dict__.setdefault("_splits", {})
+        if key not in cache:
+            cache[key] = (self.select_rows(rows_x), self.select_rows(rows_h))
+        return cache[key]
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """y (B, [T,] N, O) + bias broadcast along the axes the query does not cover."""

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_tensor
 from ..ops.gcru import gcru_gate, gcru_update
+from ..ops.gcru_cell import cell_step, sink_node_weight
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
 
@@ -28,7 +29,12 @@ def _split_rows(cheb_k: int, c: int, h: int, device) -> tuple:
 
 
 class HimGCRU(nn.Module):
-    """Graph convolutional GRU cell with meta-parameters (docs/spec.md, "Recurrent cell")."""
+    """Graph convolutional GRU cell with meta-parameters (docs/spec.md, "Recurrent cell").
+
+    Each step runs as one :func:`~himnet_fast.ops.gcru_cell` op that saves only its inputs and
+    recomputes the step in backward (``recompute = True``, the default; set the attribute to
+    False for plain autograd: faster backward, every gate activation kept until backward).
+    """
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S", *,
                  backend: Optional[str] = None):
@@ -41,6 +47,7 @@ class HimGCRU(nn.Module):
                            backend=backend)
         self.update = HimGCN(input_dim + self.hidden_dim, output_dim, cheb_k, embed_dim, meta_axis,
                              backend=backend)
+        self.recompute = True
 
     def init_hidden_state(self, batch_size):
         return torch.zeros(batch_size, self.num_nodes, self.hidden_dim)
@@ -57,20 +64,54 @@ class HimGCRU(nn.Module):
         return self._step(x, state, graph, gate, update)
 
     def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
-        """The original step: propagate cat(x, h) and cat(x, z*h) whole."""
+        """One step from x (B, N, C) and state (B, N, H): the input is propagated here, the
+        rest of the step runs in :func:`~himnet_fast.ops.gcru_cell`."""
+        return self._cell(graph.propagate(x, self.gate.cheb_k), state, graph, gate, update)
+
+    def _cell(self, zx, state, graph, gate: GeneratedLinear, update: GeneratedLinear,
+              sunk=None) -> torch.Tensor:
+        """:func:`~himnet_fast.ops.gcru_cell` on zx (B, N, K*C) with the weight rows of x and h
+        split once per generated map (cached on it, so a decoder's steps reuse them).
+        ``sunk``: ((gate_h weight, acc), (update_h weight, acc)) from :meth:`_sink`."""
         k = self.gate.cheb_k
-        zh, r = gcru_gate(gate(graph.propagate(torch.cat((x, state), -1), k)), state, backend=self.backend)
-        pre_c = update(graph.propagate(torch.cat((x, zh), -1), k))
-        return gcru_update(pre_c, r, state, backend=self.backend)
+        ix, ih = _split_rows(k, zx.shape[-1] // k, self.hidden_dim, zx.device)
+        gx, gh = gate.split_rows(ix, ih)
+        ux, uh = update.split_rows(ix, ih)
+        query = gh.query if gh.streamed else None
+        wgh, wuh, accs = gh.weight, uh.weight, None
+        if sunk is not None:
+            (wgh, acc_g), (wuh, acc_u) = sunk
+            accs = (acc_g, acc_u)
+        return cell_step(state, zx, graph, k, gh.axis, (gx.weight, wgh, gate.bias),
+                         (ux.weight, wuh, update.bias), query, self.backend, self.recompute, accs)
+
+    def _sink(self, gate: GeneratedLinear, update: GeneratedLinear, c: int):
+        """For a recomputed sequence on materialised per-node ("S") weights: the state-row
+        weights wrapped so that the steps accumulate their gradient in one buffer each
+        (:class:`~himnet_fast.ops.gcru_cell.NodeWeightGrad`); None otherwise."""
+        if not (self.recompute and gate.axis == "S" and not gate.streamed and torch.is_grad_enabled()):
+            return None
+        ix, ih = _split_rows(self.gate.cheb_k, c, self.hidden_dim, gate.query.device)
+        ws = (gate.split_rows(ix, ih)[1].weight, update.split_rows(ix, ih)[1].weight)
+        if not all(w.requires_grad for w in ws):
+            return None
+        return tuple(sink_node_weight(w) for w in ws)
 
     def run_sequence(self, xs: torch.Tensor, graph, embeddings=None) -> torch.Tensor:
         """All T steps from a zero state: xs (B, T, N, C) -> states (B, T, N, H).
 
-        Lean form of the encoder loop: weights are generated once; the input half of both graph
-        convolutions (``T_k x_t`` times its weight rows) is computed for all T steps in one call,
-        leaving only the state half inside the recurrence; the first step skips the all-zero
-        state.
+        Weights are generated once per sequence (so the per-node "S" weight gradient is summed
+        over the steps by autograd and pushed into the pool once); the input is propagated for
+        all T steps in one call per term; each later step is one
+        :func:`~himnet_fast.ops.gcru_cell` (recomputed in backward); the first step, with its
+        all-zero state, needs no graph product on the state.
         """
+        return self._run_sequence(xs, graph, embeddings)[0]
+
+    def _run_sequence(self, xs, graph, embeddings=None):
+        """(states (B, T, N, H), last state (B, N, H)): the last state as its own tensor, so a
+        caller that only needs it sends no gradient through the stack (whose backward would
+        scatter it into a zero (B, T, N, H) buffer)."""
         B, T, N, C = xs.shape
         H, k = self.hidden_dim, self.gate.cheb_k
         graph = as_graph(graph)
@@ -78,24 +119,21 @@ class HimGCRU(nn.Module):
         ix, ih = _split_rows(k, C, H, xs.device)
         # T_k applies to every step alike: fold the steps into value columns, one call per term.
         terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), k)
-        zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)
-        pre_gate_x = gate.select_rows(ix)(zx)       # (B, T, N, 2H), bias included
-        pre_upd_x = update.select_rows(ix)(zx)      # (B, T, N, H)
-        gate_h, update_h = gate.select_rows(ih), update.select_rows(ih)
-
-        state = xs.new_zeros(B, N, H, dtype=pre_gate_x.dtype)
-        states = []
-        for t in range(T):
-            pre = pre_gate_x[:, t]
-            if t > 0:
-                pre = pre + gate_h.matmul(graph.propagate(state, k))
-            zh, r = gcru_gate(pre, state, backend=self.backend)
-            pre_c = pre_upd_x[:, t]
-            if t > 0:  # zh == 0 at t == 0
-                pre_c = pre_c + update_h.matmul(graph.propagate(zh, k))
-            state = gcru_update(pre_c, r, state, backend=self.backend)
+        zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
+        # unbind, not [:, t]: its backward stacks the T step gradients once instead of
+        # scattering each into a fresh zero (B, T, N, K*C) buffer.
+        zxs = zx.unbind(1)
+        # Step 0 (h = 0): only the input rows and the bias act; plain autograd, it saves little.
+        z0 = zxs[0]
+        state = xs.new_zeros(B, N, H, dtype=z0.dtype)
+        zh, r = gcru_gate(gate.split_rows(ix, ih)[0](z0), state, backend=self.backend)
+        state = gcru_update(update.split_rows(ix, ih)[0](z0), r, state, backend=self.backend)
+        states = [state]
+        sunk = self._sink(gate, update, C) if T > 1 else None
+        for t in range(1, T):
+            state = self._cell(zxs[t], state, graph, gate, update, sunk)
             states.append(state)
-        return torch.stack(states, dim=1)
+        return torch.stack(states, dim=1), state
 
 
 class _Stack(nn.Module):
@@ -128,8 +166,8 @@ class HimEncoder(_Stack):
         graph = as_graph(support)
         current, last = x, []
         for cell in self.cells:
-            current = cell.run_sequence(current, graph, embeddings)
-            last.append(current[:, -1])
+            current, state = cell._run_sequence(current, graph, embeddings)
+            last.append(state)
         return current, last
 
 

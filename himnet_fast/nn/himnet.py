@@ -179,9 +179,11 @@ class HimNet(nn.Module):
         t_emb = self.time_embedding(x)
 
         graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend)
-        h_s, _ = self.encoder_s(x, graph, self.node_embedding)
-        h_t, _ = self.encoder_t(x, graph, t_emb)
-        h_last = (h_s + h_t)[:, -1]
+        # (h_s + h_t)[:, -1] of the original, from the encoders' last states directly: no
+        # gradient then flows through the stacked (B, T, N, H) outputs.
+        _, last_s = self.encoder_s(x, graph, self.node_embedding)
+        _, last_t = self.encoder_t(x, graph, t_emb)
+        h_last = last_s[-1] + last_t[-1]
 
         st_embedding = self.st_proj(h_last)
         graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend)
