@@ -155,7 +155,10 @@ def _matmul(axis, weight, query, backend, x):
     if query is None:
         return apply_generated(x, weight, axis or "")
     name, _ = _backend.resolve("meta_linear", backend, x.device, needs_grad(x, query, weight))
-    if name == "torch":
+    # D accumulated GEMMs on CPU only (their reason is the CPU heap, below). On CUDA they are
+    # 16 small launches per call and direction: an H100 step took 249 ms with them against 91 ms
+    # with meta_linear's chunked GEMM (bench/results/gpu-h100/after-gcru-cell/).
+    if name == "torch" and x.device.type == "cpu":
         # Like the op front-ends: one compute dtype (autocast's, if on) and no autocast inside.
         dt = compute_dtype(x.device, x, query, weight)
         with no_autocast(x.device):
