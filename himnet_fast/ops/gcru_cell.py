@@ -156,8 +156,9 @@ def _matmul(axis, weight, query, backend, x):
         return apply_generated(x, weight, axis or "")
     name, _ = _backend.resolve("meta_linear", backend, x.device, needs_grad(x, query, weight))
     # D accumulated GEMMs on CPU only (their reason is the CPU heap, below). On CUDA they are
-    # 16 small launches per call and direction: an H100 step took 249 ms with them against 91 ms
-    # with meta_linear's chunked GEMM (bench/results/gpu-h100/after-gcru-cell/).
+    # D small launches per call and direction; a whole H100 training step took 249 ms after
+    # they came in (with recompute) against 91 ms before (bench/results/gpu-h100/after-gcru-cell/;
+    # how much of that is theirs is not measured).
     if name == "torch" and x.device.type == "cpu":
         # Like the op front-ends: one compute dtype (autocast's, if on) and no autocast inside.
         dt = compute_dtype(x.device, x, query, weight)
