@@ -189,6 +189,7 @@ def _adaptive_matmul_bwd_de_kernel(
     KEY_SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr, OFF64: tl.constexpr,
+    EB_FIRST: tl.constexpr,
 ):
     """dE contribution of E as query (KEY_SIDE False: own block = query rows i, loop over keys j,
     dE_i = sum_j dS_ij E_j) or as key (KEY_SIDE True: own block = key rows j, loop over
@@ -235,11 +236,14 @@ def _adaptive_matmul_bwd_de_kernel(
             delta_b = tl.load(delta_g + rb, mask=b_mask, other=0.0)
         if OFF64:
             rb = rb.to(tl.int64)
-        # E of the other rows, loaded before the W loop on purpose: loaded after it, Triton 3.6
-        # (sm_90, 16-bit operands, W not a multiple of BLOCK_W) read its shared-memory copy out
-        # of bounds (compute-sanitizer: invalid __shared__ read; an illegal memory access on an
-        # H100 at G=16, N=883, W=67).
-        eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+        if EB_FIRST:
+            # 16-bit inputs: E of the other rows is loaded before the W loop on purpose. Loaded
+            # after it, Triton 3.6 (sm_90, W not a multiple of BLOCK_W) read its shared-memory
+            # copy out of bounds (compute-sanitizer: invalid __shared__ read; an illegal memory
+            # access on an H100 at G=16, N=883, W=67). fp32 ran correctly there and keeps the
+            # later load, which spills nothing (held across the loop it costs 16 B of spill).
+            eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :],
+                         other=0.0)
         # dP (own x other) = dO_query · V_key, reduced over all W columns here; the scores are
         # formed after this loop so that only dp is live inside it (fewer registers).
         dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -270,6 +274,9 @@ def _adaptive_matmul_bwd_de_kernel(
             ds = p * (dp - delta_a[:, None])
         # ReLU mask: relu'(s) = 0 for s <= 0 (torch's convention); padded rows/cols drop out too.
         ds = tl.where((s > 0) & a_mask[:, None] & b_mask[None, :], ds, 0.0)
+        if not EB_FIRST:
+            eb = tl.load(e_g + rb[:, None] * se_n + rd[None, :] * se_d, mask=b_mask[:, None] & d_mask[None, :],
+                         other=0.0)
         de = tl.dot(to_storage(ds, eb.dtype, RNE).to(DOT), eb.to(DOT), de, input_precision=PRECISION)
 
     o_mask = a_mask[:, None] & d_mask[None, :]
@@ -417,7 +424,8 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
                 *e.stride(), *v.stride(), *dout.stride(),
                 KEY_SIDE=key_side,
                 BLOCK_M=de_m, BLOCK_N=de_n, BLOCK_D=block_d, BLOCK_W=de_w,
-                PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64, num_warps=warps,
+                PRECISION=precision, ACC=acc_tl, DOT=dot_dt, RNE=rne, OFF64=off64,
+                EB_FIRST=v.dtype in (torch.float16, torch.bfloat16), num_warps=warps,
             )
         # Fixed-order sum over the splits: deterministic.
         de = (part[0] if n_split == 1 else part.sum(0)).to(e.dtype)

@@ -547,7 +547,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         for key_side in (False, True):
             build(ap._adaptive_matmul_bwd_de_kernel, {"*": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                   "part_ptr": "*fp32"}, dict(base, KEY_SIDE=key_side, BLOCK_M=64, BLOCK_N=32, BLOCK_D=16,
-                  BLOCK_W=32), arch)
+                  BLOCK_W=32, EB_FIRST=p != "*fp32"), arch)
         for fn in (gc._gcru_gate_fwd_kernel, gc._gcru_gate_bwd_kernel, gc._gcru_update_fwd_kernel,
                    gc._gcru_update_bwd_kernel):
             build(fn, {"*": p}, dict(BLOCK=1024, ACC=tl.float32, RNE=False, OFF64=False), arch, 8)

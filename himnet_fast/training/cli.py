@@ -269,7 +269,11 @@ def _train(args) -> int:
         os.makedirs(out, exist_ok=True)
         trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
-    log(f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters {trainer.config.model}"
+    from .trainer import model_label
+    sizes = (trainer.config.model if trainer.config.architecture == "himnet"
+             else {"hidden_dim": trainer.config.model.get("hidden_dim")})
+    log(f"model: {model_label(trainer.config.architecture)}, "
+        f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters {sizes}"
         f"{' (predicts the change from the last input step)' if trainer.config.residual else ''}; "
         f"device {device}, {torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
     try:
