@@ -124,6 +124,8 @@ class AGCRNCell(HimGCRU):
         self.backend = _backend.normalize_backend(backend) if backend is not None else None
         self.gate = AVWGCN(dim_in + dim_out, 2 * dim_out, cheb_k, embed_dim, backend=backend)
         self.update = AVWGCN(dim_in + dim_out, dim_out, cheb_k, embed_dim, backend=backend)
+        # HimGCRU's switch: each step as one gcru_cell op recomputed in backward.
+        self.recompute = True
 
     def init_hidden_state(self, batch_size):
         return torch.zeros(batch_size, self.node_num, self.hidden_dim)

@@ -37,7 +37,8 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_cheb_k, check_tensor
 from ..nn.gcn import GeneratedLinear
-from ..nn.gcru import HimGCRU
+from ..nn.gcru import HimGCRU, _split_rows
+from ..ops.gcru import gcru_gate, gcru_update
 from ..ops.adaptive_propagate import AdaptiveGraph
 
 __all__ = ["HyperSTLSTMG", "HyperSTLSTMD", "HyperSTGCGRU", "SpatialModule"]
@@ -221,6 +222,10 @@ class _ScaledLinear:
     def select_rows(self, rows):
         return _ScaledLinear(self.weight.index_select(0, rows), self.bias, self.z)
 
+    def split_rows(self, rows_x, rows_h):
+        """(the input rows' map, the state rows' map), as GeneratedLinear.split_rows."""
+        return self.select_rows(rows_x), self.select_rows(rows_h)
+
     def matmul(self, x):
         return (x @ self.weight) * self.z
 
@@ -259,8 +264,24 @@ class HyperSTGCGRUCell(HimGCRU):
         self.gate = HyperSTGCN(input_dim + hidden_dim, 2 * hidden_dim, cheb_k, spatial_dim)
         self.update = HyperSTGCN(input_dim + hidden_dim, hidden_dim, cheb_k, spatial_dim)
 
+        self.recompute = False
+
     def run_sequence(self, xs, e, graph):  # argument order of the HyperST cells
         return HimGCRU.run_sequence(self, xs, graph, e)
+
+    def _cell(self, zx, state, graph, gate, update, sunk=None):
+        """One step after the first, through plain autograd: the scaled maps are not the
+        weight forms :func:`~himnet_fast.ops.gcru_cell` takes. zx (B, N, K*C) is the propagated
+        input; the state half is propagated here."""
+        k = self.gate.cheb_k
+        ix, ih = _split_rows(k, zx.shape[-1] // k, self.hidden_dim, zx.device)
+        gx, gh = gate.split_rows(ix, ih)
+        ux, uh = update.split_rows(ix, ih)
+        zh, r = gcru_gate(gx(zx) + gh.matmul(graph.propagate(state, k)), state, backend=self.backend)
+        return gcru_update(ux(zx) + uh.matmul(graph.propagate(zh, k)), r, state, backend=self.backend)
+
+    def _sink(self, gate, update, c):
+        return None  # no per-node weight to accumulate: the scale z is applied to the output
 
 
 class HyperSTGCGRU(_HyperSTBase):
