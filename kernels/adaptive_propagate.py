@@ -406,7 +406,9 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
         dm, dw = _delta_blocks(G, N, W, v.device)
         _adaptive_matmul_bwd_delta_kernel[(triton.cdiv(N, dm), G)](
             dout, out, delta, N, W, *dout.stride(), *out.stride(),
-            BLOCK_M=dm, BLOCK_W=dw, ACC=acc_tl, OFF64=off64, num_warps=4,
+            # 8 warps for the larger tiles: at 4 warps the 32 x 64 tile spilled 8 B in two of its
+            # integer specialisations (bench/results/aot/).
+            BLOCK_M=dm, BLOCK_W=dw, ACC=acc_tl, OFF64=off64, num_warps=8 if dm * dw >= 2048 else 4,
         )
         # Own x other rows 64 x 32 (32 x 16 for exact fp32), W tiles <= 32 wide: the dE
         # kernels' live tiles (dp, s, p, ds: own x other, fp32) fit in registers without
