@@ -202,7 +202,9 @@ class SBATransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, out_steps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y_cov=None, labels=None, batches_seen=None) -> torch.Tensor:
+        """x (B, in_steps, N, C) -> (B, out_steps, N, 1). The other arguments are HimNet's call
+        signature (``model(x, y_cov, labels, batches_seen)``) and are unused."""
         if x.dim() != 4 or x.shape[1] != self.in_steps or x.shape[2] != self.num_nodes \
                 or x.shape[3] < self.input_dim:
             raise ValueError(f"x must be (B, in_steps={self.in_steps}, N={self.num_nodes}, "
