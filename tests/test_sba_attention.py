@@ -117,3 +117,42 @@ def test_bad_input():
         block_attention(q, q, q, torch.ones(2, 3))
     with pytest.raises(ValueError, match="mask must be"):
         block_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool))
+
+
+# ---- Triton backend (kernels/sba_attention.py), interpreter on CPU: tiny shapes only ----
+from conftest import DEVICE, HAS_TRITON  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed / no interpreter")
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, dtype, atol", [
+    ((2, 3, 19, 5, 3), torch.float32, 2e-5),
+    ((1, 2, 70, 4, 4), torch.float32, 2e-5),      # M > 64: several query and key blocks
+    ((2, 2, 9, 3, 2), torch.float64, 1e-10),
+])
+def test_triton_parity(shape, dtype, atol):
+    q, k, v, mask = (t.to(DEVICE) for t in make(*shape, dtype))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = block_attention(q, k, v, mask, backend="triton")
+    ref = block_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    assert (out[:, ~mask] == 0).all() and (out[:, -1] == 0).all()
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+@needs_triton
+def test_triton_gradcheck_fp64():
+    q, k, v, mask = (t.to(DEVICE) for t in make(1, 2, 4, 3, 2, torch.float64, seed=5))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: block_attention(a, b, c, mask, backend="triton"),
+                                    (q, k, v))
+
+
+def test_backend_argument_checked():
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="backend"):
+        block_attention(q, q, q, backend="cuda")

@@ -134,14 +134,54 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None
 
 
+class _BlockAttentionTriton(torch.autograd.Function):
+    """Same contract as :class:`_BlockAttention`, computed by kernels/sba_attention.py."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        from himnet_fast.kernels import sba_attention as K
+        B, P, M, d = q.shape
+        flat = lambda t: t.reshape(B * P, M, t.shape[-1]).contiguous()
+        m8 = mask.expand(B, P, M).reshape(B * P, M).to(torch.int8).contiguous()
+        qf, kf, vf = flat(q), flat(k), flat(v)
+        o, lse = K.forward(qf, kf, vf, m8, scale)
+        ctx.save_for_backward(qf, kf, vf, m8, o, lse)
+        ctx.scale = scale
+        return o.reshape(B, P, M, -1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from himnet_fast.kernels import sba_attention as K
+        qf, kf, vf, m8, o, lse = ctx.saved_tensors
+        B, P, M, dv = dout.shape
+        do = dout.reshape(B * P, M, dv).contiguous()
+        sd = K.stat_dtype(qf)
+        delta = (do.to(sd) * o.to(sd)).sum(-1).contiguous()
+        dq, dk, dvv = K.backward(qf, kf, vf, m8, do, lse, delta, ctx.scale)
+        shape = lambda t: t.reshape(B, P, M, t.shape[-1])
+        return shape(dq), shape(dk), shape(dvv), None, None
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    import os
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                    mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
     """Intra-part attention, independently in each of the P parts.
 
     Args:
         q, k: (B, P, M, d). v: (B, P, M, dv).
         mask: (P, M) or (B, P, M) bool, True on real nodes; None = no padding.
         scale: score scale, default 1/sqrt(d).
+        backend: None/"auto" (Triton on CUDA tensors when Triton is installed, else torch),
+            "torch", or "triton" (CUDA, or CPU under TRITON_INTERPRET=1: slow, for tests).
 
     Returns:
         (B, P, M, dv); exactly zero on padded query slots and in parts without a real node.
@@ -149,6 +189,15 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask = _check(q, k, v, mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend not in (None, "auto", "torch", "triton"):
+        raise ValueError(f"backend must be None, 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend in (None, "auto"):
+        backend = "triton" if q.is_cuda and _triton_usable(q) else "torch"
+    if backend == "triton":
+        if not _triton_usable(q):
+            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor "
+                               "(or TRITON_INTERPRET=1 for CPU tensors)")
+        return _BlockAttentionTriton.apply(q, k, v, mask, float(scale))
     return _BlockAttention.apply(q, k, v, mask, float(scale))
 
 
