@@ -52,8 +52,9 @@ def _check(q, k, v, mask):
 def _chunks(B, P, M, d, dv, elsize):
     """(parts per chunk, query rows per chunk) so one chunk's working set fits the budget.
 
-    The working set of a chunk of ``pc`` parts and ``mq`` query rows is about three
-    ``B*pc*mq*M`` score-sized buffers (scores, probabilities, their gradient) plus row stats.
+    The working set of a chunk of ``pc`` parts and ``mq`` query rows is at most three
+    ``B*pc*mq*M`` score-sized buffers (the scores are turned into probabilities in place; in
+    backward, probabilities and their gradient, plus one matmul output) plus row stats.
     """
     per_part = 3 * B * M * M * elsize + B * M * (2 * d + 2 * dv + 4) * elsize
     if per_part <= chunk_bytes():
@@ -64,8 +65,9 @@ def _chunks(B, P, M, d, dv, elsize):
 
 def _scores(q, k, kmask, scale):
     """(B, pc, mq, M) scores with -inf on padded keys."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return s.masked_fill(~kmask.unsqueeze(-2), float("-inf"))
+    # in place: one score-sized buffer, not three
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    return s.masked_fill_(~kmask.unsqueeze(-2), float("-inf"))
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -86,12 +88,11 @@ class _BlockAttention(torch.autograd.Function):
                 s = _scores(q[:, p0:p1, r0:r1], kk, km, scale)
                 m = s.amax(-1, keepdim=True)
                 m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                e = torch.exp(s - m)
+                e = s.sub_(m).exp_()          # in place: the scores are not needed again
                 l = e.sum(-1, keepdim=True)
                 qm = mask[:, p0:p1, r0:r1].unsqueeze(-1)
                 ok = qm & (l > 0)     # real query with at least one real key
-                e = e / torch.where(ok, l, torch.ones_like(l))
-                e = e * ok
+                e.div_(torch.where(ok, l, torch.ones_like(l))).mul_(ok)
                 out[:, p0:p1, r0:r1] = torch.matmul(e, vv)
                 # +inf log-sum-exp makes the recomputed probabilities exactly 0 on such rows
                 lse[:, p0:p1, r0:r1] = torch.where(ok, m + torch.log(torch.where(ok, l, torch.ones_like(l))),
@@ -122,11 +123,11 @@ class _BlockAttention(torch.autograd.Function):
                 qq = q[:, p0:p1, r0:r1]
                 do = dout[:, p0:p1, r0:r1]
                 s = _scores(qq, kk, km, scale)
-                pr = torch.exp(s - lse[:, p0:p1, r0:r1].unsqueeze(-1))   # 0 on masked rows/keys
+                pr = s.sub_(lse[:, p0:p1, r0:r1].unsqueeze(-1)).exp_()   # 0 on masked rows/keys
                 if dvv is not None:
                     dvv[:, p0:p1] += torch.matmul(pr.transpose(-1, -2), do)
                 dp = torch.matmul(do, vv.transpose(-1, -2))
-                ds = pr * (dp - delta[:, p0:p1, r0:r1].unsqueeze(-1)) * scale
+                ds = dp.sub_(delta[:, p0:p1, r0:r1].unsqueeze(-1)).mul_(pr).mul_(scale)
                 if dq is not None:
                     dq[:, p0:p1, r0:r1] = torch.matmul(ds, kk)
                 if dk is not None:
