@@ -99,6 +99,13 @@ def _child(method, n, part_size):
     print("RESULT " + json.dumps(info))
 
 
+def _child_env():
+    # A fixed glibc mmap threshold: large buffers are mmapped and go back to the OS when freed.
+    # Otherwise glibc raises the threshold after the first large frees (setup, partitioning)
+    # and the step reuses that already-resident heap, hiding part of its memory from VmHWM.
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+
 def _fit(rows, n_min=0):
     import numpy as np
     pts = [(r["N"], r["step_mem_mb"]) for r in rows if r.get("step_mem_mb", 0) > 0 and r["N"] >= n_min]
@@ -151,7 +158,7 @@ def main(argv=None):
                 try:
                     p = subprocess.run([sys.executable, __file__, "--part-size", str(a.part_size),
                                         "--child", method, str(n)], capture_output=True, text=True,
-                                       timeout=a.timeout)
+                                       timeout=a.timeout, env=_child_env())
                     res = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
                     if res:
                         row.update(json.loads(res[0][7:]))
