@@ -193,7 +193,8 @@ def _write(rows, methods, out, command):
                               (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r[c])).replace(",", ";"))
                              for c in cols) + "\n")
     exps = {m: (_fit([r for r in rows if r["method"] == m]),
-                _fit([r for r in rows if r["method"] == m], 16_000)) for m in methods}
+                _fit([r for r in rows if r["method"] == m], 16_000),
+                _fit([r for r in rows if r["method"] == m], 64_000)) for m in methods}
     with open(out / "sba_scale_cpu.md", "w") as f:
         f.write("# One training step against N (CPU, 1 thread, B=1, d=32, fp32)\n\n")
         f.write("Command: `python bench/bench_sba_scale.py " + command + "`\n\n")
@@ -205,12 +206,13 @@ def _write(rows, methods, out, command):
             f.write(f"| {r['method']} | {r['N']} | {g('step_s', '{:.3g}')} | {g('step_mem_mb', '{:.1f}')} | "
                     f"{g('peak_rss_mb', '{:.0f}')} | {pm} | {g('partition_s', '{:.2f}')} | {r.get('note', '')} |\n")
         f.write("\nFitted exponent of step memory against N (log-log slope over the sizes that ran; "
-                "small sizes are dominated by fixed allocations, so the slope over N >= 16,000 is "
-                "also given):\n\n")
-        for m, (e_all, e_big) in exps.items():
+                "small sizes are dominated by fixed allocations (chunk buffers, allocator), so "
+                "slopes over N >= 16,000 and N >= 64,000 are also given; nan = fewer than two "
+                "sizes ran), and an affine fit memory = a + b N over N >= 16,000:\n\n")
+        for m, (e_all, e16, e64) in exps.items():
             a0, b1 = _linear([r for r in rows if r["method"] == m])
-            f.write(f"* {m}: {e_all:.2f} (all sizes), {e_big:.2f} (N >= 16,000); linear fit over "
-                    f"N >= 16,000: {a0:.0f} MiB + {b1:.2f} MiB per 1,000 nodes\n")
+            f.write(f"* {m}: {e_all:.2f} (all sizes), {e16:.2f} (N >= 16,000), {e64:.2f} "
+                    f"(N >= 64,000); affine: {a0:.0f} MiB + {b1:.2f} MiB per 1,000 nodes\n")
     print("exponents:", json.dumps(exps))
 
 
