@@ -162,6 +162,7 @@ setup(
     install_requires=["torch>=2.1", "numpy", "pandas"],
     extras_require={
         "triton": ["triton>=3.0"],
+        "sba": ["pymetis"],   # METIS partitioning for himnet_fast.sba (docs/sba.md)
         "bench": ["pandas", "matplotlib", "pytest-benchmark"],
         "train": ["matplotlib", "tqdm"],
         "data": ["pyarrow", "tables"],   # --data FILE.parquet / FILE.h5 (the DCRNN metr-la.h5 layout)
