@@ -170,7 +170,7 @@ setup(
         # The test tools are pinned to the versions the suite was last run with (pytest 9.2
         # changed monkeypatch teardown; a new major can change collection or fixtures).
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "pandas", "matplotlib", "tqdm", "pybind11>=2.10",
-                 "triton>=3.0"],
+                 "triton>=3.0", "pymetis"],
     },
     entry_points={"console_scripts": ["himnet-fast=himnet_fast.cli:main"]},
     ext_modules=[CMakeExtension("himnet_fast._cuda_ext")] if _BUILD else [],

@@ -100,7 +100,11 @@ def test_committed_table_obeys_the_limits():
         assert int(r["shared_bytes"]) <= SMEM_LIMIT, what
         if "_bwd" not in r["kernel"] or r["kernel"].startswith("_adaptive"):
             assert int(r["spill_bytes"]) == 0, f"{what} spills {r['spill_bytes']} B"
-    assert any("OFF64=True" in r["constexprs"] for r in rows), "no N = 100,000 (64-bit offset) kernel in the table"
+    # No OFF64 row is required here: since each recurrent step runs as one gcru_cell op, the
+    # model's largest call at N = 100,000, B = 16 is (16, 100000, 128), under 2^31 elements.
+    # The 64-bit variants are compiled through the real launchers by
+    # test_n100k_encoder_s_call_compiles_with_int64_offsets (the (192, 100000, 128) call of the
+    # step-folded encoder, which meta_linear still accepts).
 
 
 @pytest.mark.slow
