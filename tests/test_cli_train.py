@@ -220,7 +220,8 @@ def test_train_and_evaluate_on_your_own_csv(tmp_path, capsys):
     _one_line_error(capsys, "no such file")
 
 
-@pytest.mark.parametrize("name,label", [("agcrn", "AGCRN"), ("hyperst-lstm-d", "HyperST-LSTM-D")])
+@pytest.mark.parametrize("name,label", [("agcrn", "AGCRN"), ("hyperst-lstm-d", "HyperST-LSTM-D"),
+                                        ("sba", "SBATransformer")])
 def test_train_and_evaluate_another_model(tmp_path, capsys, name, label):
     """--model trains a model of himnet_fast.models through the same pipeline (Los-loop, its
     coordinates and graph for HyperST's attributes); evaluate rebuilds it from the checkpoint."""

@@ -65,9 +65,9 @@ def add_subcommands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
     t.add_argument("--model", default="himnet", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d",
-                                                         "hyperst-gcgru"),
+                                                         "hyperst-gcgru", "sba"),
                    help="which forecaster to train (default himnet; the others are in himnet_fast.models and "
-                        "use the signal channel; the HyperST models need sensor coordinates and a graph)")
+                        "use the signal channel; the HyperST models need sensor coordinates and a graph, sba a graph)")
     t.add_argument("--hidden-dim", type=int, help="override the preset's hidden size")
     t.add_argument("--lr", type=float, help="override the preset's learning rate")
     t.add_argument("--tf-decay-steps", type=int, help="override the preset's teacher-forcing decay")

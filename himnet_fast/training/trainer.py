@@ -118,7 +118,12 @@ def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
 
 
 MODEL_LABELS = {"himnet": "HimNet", "agcrn": "AGCRN", "hyperst-lstm-g": "HyperST-LSTM-G",
-                "hyperst-lstm-d": "HyperST-LSTM-D", "hyperst-gcgru": "HyperST-GCGRU"}
+                "hyperst-lstm-d": "HyperST-LSTM-D", "hyperst-gcgru": "HyperST-GCGRU", "sba": "SBATransformer"}
+
+
+# The output layer zeroed for a residual run (the others start from their own initialisation,
+# as measured in bench/results/cpu/losloop-models/).
+_ZERO_INIT_OUTPUT = {"himnet": "out_proj", "sba": "head"}
 
 
 def model_label(architecture: str) -> str:
@@ -145,6 +150,15 @@ def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Opt
         from ..nn.himnet import HimNet
 
         return HimNet(**model_config, backend=backend, in_steps=in_steps)
+    if architecture == "sba":
+        from ..sba import SBATransformer
+
+        extra = getattr(data, "extra", None) or {}
+        if "adj" not in extra:
+            raise ValueError("--model sba needs the sensors' graph for its partitions and positional "
+                             "encoding (the bundled LOSLOOP data has one; --graph for your own data)")
+        return SBATransformer(model_config["num_nodes"], np.asarray(extra["adj"]), in_steps=in_steps or 12,
+                              out_steps=model_config.get("out_steps", 12), d_model=4 * model_config.get("hidden_dim", 16))
     from ..models import build_model as build_family, needs_attributes, spatial_attributes
 
     attributes = None
@@ -300,12 +314,13 @@ class Trainer:
         seed_everything(config.seed)
         if model is None:
             model = build_model(config.model, config.backend, data.in_steps, config.architecture, data)
-            if config.residual and isinstance(getattr(model, "out_proj", None), torch.nn.Linear):
+            out_layer = getattr(model, _ZERO_INIT_OUTPUT.get(config.architecture, ""), None)
+            if config.residual and isinstance(out_layer, torch.nn.Linear):
                 # a zero output layer makes the untrained model exactly the last-value forecast,
                 # so training starts from that baseline instead of from random changes
                 with torch.no_grad():
-                    model.out_proj.weight.zero_()
-                    model.out_proj.bias.zero_()
+                    out_layer.weight.zero_()
+                    out_layer.bias.zero_()
         self.model = model.to(self.device)
         self.net = self.model
         if self.world > 1:
