@@ -74,3 +74,20 @@ def tf32_matmul(enabled: bool):
             yield
         finally:
             matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny shapes (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared, loaded CPU, OpenMP
+    threads spin-waiting against other processes made millisecond steps take seconds.
+    Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``||a - b|| / ||b||`` (Frobenius), the parity tests' measure."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -10,13 +10,9 @@ import torch
 import himnet_fast as hf
 from himnet_fast.reference import ref_adaptive_graph, ref_adaptive_propagate
 
-from conftest import parity_backends
+from conftest import parity_backends, rel_err as _rel
 
 BACKENDS = parity_backends()
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _check(x, e, k, **kw):

@@ -12,16 +12,10 @@ from himnet_fast.reference import RefHimNet
 from himnet_fast.training import TrainConfig, Trainer
 from himnet_fast.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(hidden_dim=8, tod_embedding_dim=4, dow_embedding_dim=2, node_embedding_dim=4, st_embedding_dim=4,
              tf_decay_steps=10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,9 @@ import torch
 from himnet_fast.cli import main
 from himnet_fast.reference import RefHimNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--hidden-dim", "8", "--batch-size", "4", "--limit-batches", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

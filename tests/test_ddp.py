@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 from himnet_fast.data import load_dataset
 from himnet_fast.training import TrainConfig, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(hidden_dim=8, tod_embedding_dim=4, dow_embedding_dim=2, node_embedding_dim=4, st_embedding_dim=4,
              tf_decay_steps=10)
 
@@ -40,14 +42,6 @@ def _worker(rank, world, init_file, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

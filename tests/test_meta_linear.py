@@ -5,7 +5,7 @@ import torch
 import himnet_fast as hf
 from himnet_fast.reference import ref_meta_linear
 
-from conftest import parity_backends
+from conftest import parity_backends, rel_err as _rel
 
 BACKENDS = parity_backends()
 
@@ -24,10 +24,6 @@ def _inputs(axis, B, N, I, O, D, dtype=torch.float32, bias=True, requires_grad=T
 def _grads(out, inputs, seed=1):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return torch.autograd.grad(out, [t for t in inputs if t is not None], g)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 SHAPES = [  # (B, N, I, O, D): size-1, odd widths, batch == nodes

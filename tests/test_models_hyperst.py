@@ -6,20 +6,9 @@ import torch
 from himnet_fast.models import (HyperSTGCGRU, HyperSTLSTMD, HyperSTLSTMG, build_model, load_sensor_coordinates,
                                 spatial_attributes)
 from himnet_fast.reference_models import RefHyperSTGCGRU, RefHyperSTLSTMD, RefHyperSTLSTMG
+from conftest import rel_err as _rel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: intra-op threads only add OpenMP spin-waiting, which on a shared,
-    loaded CPU made a 20 ms test take seconds. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = {

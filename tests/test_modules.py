@@ -9,7 +9,7 @@ import himnet_fast as hf
 from himnet_fast.reference import (RefHimDecoder, RefHimEncoder, RefHimGCN, RefHimGCRU, RefHimNet,
                                    ref_adaptive_graph)
 
-from conftest import parity_backends
+from conftest import parity_backends, rel_err as _rel
 
 
 def make_inputs(B, N, T=12, out_steps=12, seed=0, input_dim=3, ycov_dim=2, output_dim=1):
@@ -28,10 +28,6 @@ def pair(N, backend=None, dense_graph=None, **kw):
     fast = hf.HimNet(N, **kw, backend=backend, dense_graph=dense_graph)
     fast.load_state_dict(ref.state_dict(), strict=True)
     return ref, fast
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def assert_same_grads(ref, fast, tol=1e-4):

@@ -7,16 +7,6 @@ from himnet_fast.sba.attention import (block_attention, block_attention_referenc
                                        part_mean)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: on the shared 2-core machine, OpenMP threads spinning against other
-    processes make a 5 ms step take over a second."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(B, P, M, d, dv, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, P, M, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -121,6 +111,8 @@ def test_bad_input():
 
 # ---- Triton backend (kernels/sba_attention.py), interpreter on CPU: tiny shapes only ----
 from conftest import DEVICE, HAS_TRITON  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton not installed / no interpreter")
 

@@ -6,21 +6,13 @@ import torch
 from himnet_fast.sba import SBATransformer
 from himnet_fast.sba.model import laplacian_pe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 try:
     import pymetis  # noqa: F401
     HAS_METIS = True
 except ImportError:
     HAS_METIS = False
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: on the shared 2-core machine, OpenMP threads spinning against other
-    processes make a 5 ms step take over a second."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def path_edges(n):
