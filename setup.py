@@ -159,7 +159,7 @@ setup(
     package_data={"himnet_fast": ["py.typed"], "himnet_fast.datasets": ["*.npz", "*.csv", "*.json"]},
     package_dir={"himnet_fast.kernels": "kernels"},
     # pandas: `himnet-fast bench` writes its results with it and `--data` reads CSV/Parquet/HDF5
-    install_requires=["torch>=2.1", "numpy", "pandas"],
+    install_requires=["torch>=2.1", "numpy", "pandas", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         "sba": ["pymetis"],   # METIS partitioning for himnet_fast.sba (docs/sba.md)

@@ -183,34 +183,13 @@ def _dist_info():
     return 0, 1
 
 
-class _Progress:
-    """tqdm when installed and stderr is a TTY; plain prints every ~10% on a TTY without
-    tqdm; nothing when not a TTY (logs get the per-epoch lines only)."""
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal; disabled when not wanted or stderr is not a TTY (logs get the
+    per-epoch lines only)."""
+    from tqdm import tqdm
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
-        self.total, self.desc, self.n = total, desc, 0
-        self.enabled = enabled and sys.stderr.isatty()
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, loss: Optional[float] = None) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
-        elif self.enabled and (self.n == self.total or self.n % max(1, self.total // 10) == 0):
-            extra = f" loss {loss:.4f}" if loss is not None else ""
-            print(f"  {self.desc} {self.n}/{self.total}{extra}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 @torch.no_grad()
@@ -231,7 +210,7 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
                        limit_batches=limit_batches)
     acc = MetricAccumulator(data.out_steps, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    bar = _Progress(len(order), f"eval {split}", progress and rank == 0)
+    bar = _progress(len(order), f"eval {split}", progress and rank == 0)
     for pos in order.batches(0):
         b = data.batch(split, pos).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -241,7 +220,7 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
         if criterion is not None:
             loss_sum[0] += float(criterion(pred, b.target))
             loss_sum[1] += 1
-        bar.update()
+        bar.update(1)
     bar.close()
     acc.all_reduce()
     if world > 1:
@@ -392,13 +371,14 @@ class Trainer:
         while self.epoch < cfg.max_epochs and not self.stopped_early:
             t0 = time.perf_counter()
             n_batches = len(self.order)
-            bar = _Progress(n_batches - self.step_in_epoch, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
+            bar = _progress(n_batches - self.step_in_epoch, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
             for pos in self.order.batches(self.epoch, skip=self.step_in_epoch):
                 loss = self.train_batch(pos)
                 self.epoch_loss_sum += loss
                 self.step_in_epoch += 1
                 done_now += 1
-                bar.update(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if cfg.save_every and self.step_in_epoch % cfg.save_every == 0 and self.step_in_epoch < n_batches:
                     self.save_checkpoint()
                 if stop_after_batches is not None and done_now >= stop_after_batches:
