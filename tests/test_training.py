@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from himnet_fast.data import load_dataset
 from himnet_fast.reference import RefHimNet
 from himnet_fast.training import TrainConfig, Trainer, evaluate_model, seed_everything
-from himnet_fast.training.protocol import (PAPER_PRESETS, MetricAccumulator, get_preset, loss_fn,
+from himnet_fast.training.protocol import (PAPER_PRESETS, MetricAccumulator, loss_fn, training_preset,
                                            masked_mae_loss)
 
 SMALL = dict(hidden_dim=8, tod_embedding_dim=4, dow_embedding_dim=2, node_embedding_dim=4, st_embedding_dim=4)
@@ -49,7 +49,7 @@ SPEC = {  # name: (hidden, tod, dow, node, st, tf_decay, weight_decay, milestone
 
 @pytest.mark.parametrize("name", sorted(SPEC))
 def test_presets_equal_the_spec(name):
-    p = get_preset(name)
+    p = training_preset(name)
     got = (p["hidden_dim"], p["tod_embedding_dim"], p["dow_embedding_dim"], p["node_embedding_dim"],
            p["st_embedding_dim"], p["tf_decay_steps"], p["weight_decay"], p["milestones"], p["loss"])
     assert got == SPEC[name]
@@ -57,7 +57,7 @@ def test_presets_equal_the_spec(name):
         (1e-3, 1e-3, 0.1, 16, 200, 20, 5.0)
     assert p["num_nodes"] == {"METRLA": 207, "PEMSBAY": 325, "PEMS03": 358, "PEMS04": 307, "PEMS07": 883,
                               "PEMS08": 170}[name]
-    assert PAPER_PRESETS[name]["milestones"] == SPEC[name][7]   # the fallback table too
+    assert PAPER_PRESETS[name]["milestones"] == SPEC[name][7]   # the table derived from himnet_fast.presets
 
 
 def test_masked_mae_ignores_zeros_and_rescales():
@@ -212,5 +212,5 @@ def test_evaluate_model_is_order_independent_of_batch_size(data):
 def test_from_preset_rejects_unknown_settings():
     with pytest.raises(TypeError, match="unknown training setting 'hiden_dim'"):
         TrainConfig.from_preset("PEMS08", hiden_dim=3)
-    sample = get_preset("PEMS08_SAMPLE")
+    sample = training_preset("PEMS08_SAMPLE")
     assert sample["tod_embedding_dim"] == 10 and sample["loss"] == "huber" and sample["max_epochs"] == 8

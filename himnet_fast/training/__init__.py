@@ -10,9 +10,9 @@
 * :mod:`.interpret`: the paper's §5.6 meta-parameter analysis (export, PCA, similarity).
 * :mod:`.cli`: the ``train`` and ``evaluate`` subcommands of ``himnet-fast``.
 """
-from .protocol import MetricAccumulator, get_preset, loss_fn, masked_mae_loss
+from .protocol import MetricAccumulator, loss_fn, masked_mae_loss, training_preset
 from .trainer import (TrainConfig, Trainer, TrainingInterrupted, build_model, evaluate_model, seed_everything,
                       teacher_labels, to_forecast)
 
 __all__ = ["MetricAccumulator", "TrainConfig", "Trainer", "TrainingInterrupted", "build_model", "evaluate_model",
-           "get_preset", "loss_fn", "masked_mae_loss", "seed_everything", "teacher_labels", "to_forecast"]
+           "training_preset", "loss_fn", "masked_mae_loss", "seed_everything", "teacher_labels", "to_forecast"]

@@ -292,8 +292,6 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    import torch
-
     from . import checkpoint as ckpt
     from .protocol import format_metrics
     from .trainer import build_model, evaluate_model, model_label

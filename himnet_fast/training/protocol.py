@@ -1,36 +1,35 @@
 """The paper's training protocol: per-dataset presets, losses and masked metrics.
 
-Values follow docs/spec.md ("Training protocol of the paper"). When the package-level
-``himnet_fast.presets.PRESETS`` table exists it is the single source of truth and is read
-from there (tests check that both agree with the spec); this module's table is the fallback.
+Values follow docs/spec.md ("Training protocol of the paper"). The per-dataset sizes and
+optimiser settings have one table, ``himnet_fast.presets.PRESETS`` (shared with the
+benchmarks); this module adds the settings common to every dataset and the small CPU presets,
+and returns them as the plain dict a training run stores (:func:`training_preset`).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
+from ..presets import PRESETS as _PRESETS
+
 MODEL_KEYS = ("num_nodes", "hidden_dim", "tod_embedding_dim", "dow_embedding_dim", "node_embedding_dim",
               "st_embedding_dim", "tf_decay_steps")
-TRAIN_KEYS = ("weight_decay", "milestones", "loss")
 
 
-def _p(n, h, tod, dow, node, st, tf, wd, ms, loss):
-    return dict(num_nodes=n, hidden_dim=h, tod_embedding_dim=tod, dow_embedding_dim=dow, node_embedding_dim=node,
-                st_embedding_dim=st, tf_decay_steps=tf, weight_decay=wd, milestones=list(ms), loss=loss)
+def _from_table(p) -> dict:
+    """The training dict of one ``himnet_fast.presets.Preset``."""
+    return dict(num_nodes=p.num_nodes, hidden_dim=p.hidden_dim, tod_embedding_dim=p.tod_embedding_dim,
+                dow_embedding_dim=p.dow_embedding_dim, node_embedding_dim=p.node_embedding_dim,
+                st_embedding_dim=p.st_embedding_dim, tf_decay_steps=p.tf_decay_steps,
+                weight_decay=p.weight_decay, milestones=list(p.milestones), loss=p.loss)
 
 
-# name -> model sizes and the optimiser settings that differ between datasets.
-PAPER_PRESETS: Dict[str, dict] = {
-    "METRLA": _p(207, 64, 8, 8, 16, 16, 6000, 5e-4, [30, 40], "mae"),
-    "PEMSBAY": _p(325, 64, 8, 8, 16, 16, 6000, 1e-4, [25, 35], "mae"),
-    "PEMS03": _p(358, 64, 8, 8, 16, 16, 4000, 3e-4, [30, 50], "huber"),
-    "PEMS04": _p(307, 64, 12, 4, 16, 16, 4000, 1e-4, [30, 50], "huber"),
-    "PEMS07": _p(883, 64, 8, 8, 16, 16, 6000, 1e-4, [40, 60], "huber"),
-    "PEMS08": _p(170, 96, 10, 2, 14, 10, 6000, 0.0, [40, 60, 80], "huber"),
-}
+# name -> model sizes and the optimiser settings that differ between datasets, read from the
+# one preset table (the paper's datasets only).
+PAPER_PRESETS: Dict[str, dict] = {name.upper(): _from_table(p) for name, p in _PRESETS.items() if p.paper_config}
 
 # Settings shared by every dataset (docs/spec.md).
 COMMON = dict(lr=1e-3, eps=1e-3, gamma=0.1, batch_size=16, max_epochs=200, patience=20, clip_grad=5.0)
@@ -70,7 +69,7 @@ def _normalise_loss(value) -> str:
     raise ValueError(f"unknown loss {value!r}; expected 'mae' (masked MAE), 'huber' or 'mse' (masked MSE)")
 
 
-def get_preset(name: str) -> dict:
+def training_preset(name: str) -> dict:
     """Preset of dataset ``name`` (METRLA, PEMSBAY, PEMS03/04/07/08, PEMS08_SAMPLE, LOSLOOP, or
     "custom" for ``--data``; the last two share the small CPU preset): the model
     sizes (MODEL_KEYS), ``weight_decay``, ``milestones``, ``loss`` ("mae" or "huber") and the
@@ -85,13 +84,7 @@ def get_preset(name: str) -> dict:
         out = dict(COMMON)
         out.update(SAMPLE_PRESET if key == "PEMS08_SAMPLE" else SMALL_PRESET)
         return _copy(out)
-    table = _package_presets()
     base = dict(PAPER_PRESETS[key])
-    if table is not None and key in table:
-        theirs = table[key]
-        for k in MODEL_KEYS + TRAIN_KEYS:
-            if k in theirs:
-                base[k] = theirs[k]
     base["loss"] = _normalise_loss(base["loss"])
     out = dict(COMMON)
     out.update(base)
@@ -100,17 +93,6 @@ def get_preset(name: str) -> dict:
 
 def _copy(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
-
-
-def _package_presets() -> Optional[dict]:
-    try:
-        from .. import presets
-    except ImportError:
-        return None
-    table = getattr(presets, "PRESETS", None)
-    if not isinstance(table, dict):
-        return None
-    return {str(k).upper().replace("-", ""): (v if isinstance(v, dict) else vars(v)) for k, v in table.items()}
 
 
 def model_kwargs(preset: dict) -> dict:

@@ -34,7 +34,7 @@ from ..data.sampler import BatchOrder
 from ..data.series import TrafficData
 from . import checkpoint as ckpt
 from .baselines import baseline_metrics
-from .protocol import MetricAccumulator, get_preset, loss_fn, model_kwargs
+from .protocol import MetricAccumulator, loss_fn, model_kwargs, training_preset
 
 
 @dataclass
@@ -65,9 +65,9 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
-        """The paper's settings for ``dataset`` (see protocol.get_preset), then ``overrides``
+        """The paper's settings for ``dataset`` (see protocol.training_preset), then ``overrides``
         (None values are ignored; model-size keys go into ``model``)."""
-        p = get_preset(dataset)
+        p = training_preset(dataset)
         model = model_kwargs(p)
         cfg = cls(dataset=dataset, model=model, max_epochs=p["max_epochs"], batch_size=p["batch_size"],
                   lr=p["lr"], eps=p["eps"], weight_decay=p["weight_decay"], milestones=list(p["milestones"]),
