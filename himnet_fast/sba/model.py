@@ -44,7 +44,7 @@ def laplacian_pe(num_nodes: int, edge_index: Optional[np.ndarray], k: int, *,
     up to ``dense_max`` nodes; above that, scipy's ``eigsh`` when scipy is installed, else a
     cheap approximation: orthogonal (subspace) iteration on ``(I + D^-1/2 A D^-1/2)/2`` with the
     trivial vector ``D^1/2 1`` projected out. Signs are fixed (largest-magnitude entry
-    positive) so the encoding is deterministic. Zeros without edges or when ``k == 0``.
+    positive, the first of near-ties; see :func:`fix_signs`) so the encoding is deterministic. Zeros without edges or when ``k == 0``.
     Columns beyond N-1 eigenvectors are zero.
     """
     pe = torch.zeros(num_nodes, k, dtype=torch.float32)
@@ -91,11 +91,25 @@ def laplacian_pe(num_nodes: int, edge_index: Optional[np.ndarray], k: int, *,
             H = Y.T @ torch.sparse.mm(S, Y)
             ev, U = torch.linalg.eigh(H)
             vecs = (Y @ U).flip(-1).numpy()
-    vecs = np.asarray(vecs, dtype=np.float64)
-    idx = np.abs(vecs).argmax(0)
-    vecs = vecs * np.sign(vecs[idx, np.arange(vecs.shape[1])])
-    pe[:, :kk] = torch.from_numpy(vecs).float()
+    pe[:, :kk] = torch.from_numpy(fix_signs(vecs)).float()
     return pe
+
+
+def fix_signs(vecs: np.ndarray, rtol: float = 1e-3) -> np.ndarray:
+    """Flip each column so that its largest-magnitude entry is positive.
+
+    Eigenvectors of symmetric graphs often have two entries of equal magnitude and opposite
+    sign (a path graph's Fiedler vector is antisymmetric), so a plain ``argmax`` would pick
+    whichever one rounding favoured and the sign would differ between solvers and BLAS builds.
+    Entries within ``rtol`` of the column maximum count as tied; the first of them decides.
+    """
+    vecs = np.asarray(vecs, dtype=np.float64)
+    mag = np.abs(vecs)
+    tied = mag >= (1.0 - rtol) * mag.max(0, keepdims=True)
+    first = tied.argmax(0)                       # first True per column
+    sign = np.sign(vecs[first, np.arange(vecs.shape[1])])
+    sign[sign == 0] = 1.0
+    return vecs * sign
 
 
 class SBABlock(nn.Module):
