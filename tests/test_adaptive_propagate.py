@@ -83,6 +83,63 @@ def test_non_contiguous(backend):
                                ref_adaptive_propagate(x, e, 3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("chunk_mb", [None, "0.0005"])
+def test_dense_graph_gradient_blocks(monkeypatch, per_sample, chunk_mb):
+    """The dense graph's own backward (scores and ReLU mask recomputed per row block) against
+    autograd through the reference, in one block and in many; e has negative scores so the
+    mask matters."""
+    if chunk_mb:
+        monkeypatch.setenv("HIMNET_FAST_CHUNK_MB", chunk_mb)   # a few rows per block
+    e = torch.randn(*((3,) if per_sample else ()), 29, 4, dtype=torch.float64, requires_grad=True)
+    a, a_ref = hf.ops.adaptive_graph(e), ref_adaptive_graph(e)
+    torch.testing.assert_close(a, a_ref)
+    assert (e.detach() @ e.detach().transpose(-1, -2) < 0).any()
+    g = torch.randn(a.shape, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(a, e, g)[0], torch.autograd.grad(a_ref, e, g)[0])
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_dense_graph_gradient_accumulates_over_uses(per_sample):
+    """A training graph used by many products (the cell's steps) sums their gradients in one
+    buffer; the result must equal plain autograd through the reference, also for a second
+    backward through the same graph and when one use bypasses the accumulating product."""
+    B, N = 3, 11
+    e = torch.randn(*((B,) if per_sample else ()), N, 4, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(B, N, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    graph = hf.ops.AdaptiveGraph(e, dense=True, backend="torch")
+    assert graph.grad_acc is not None
+    a_ref = ref_adaptive_graph(e)
+
+    def loss(apply, a):
+        out = apply(xs[0], 2).sum() + (apply(xs[1], 3) ** 2).sum()
+        return out + (torch.matmul(a, xs[2]) ** 3).sum()     # a plain use of the matrix
+
+    got = loss(graph.propagate, graph.matrix)
+    want = loss(lambda x, k: ref_adaptive_propagate(x, e, k), a_ref)
+    torch.testing.assert_close(got, want)
+    gw = torch.autograd.grad(want, [e, *xs])
+    for _ in range(2):   # retain_graph: the buffer is handed over and reset each time
+        gg = torch.autograd.grad(got, [e, *xs], retain_graph=True)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        assert hf.ops.AdaptiveGraph(e, dense=True).grad_acc is None
+
+
+def test_dense_graph_bf16_gradients():
+    """Autocast bf16 through the dense graph: the gradient of E within bf16 rounding of fp64."""
+    x = torch.randn(2, 37, 8, requires_grad=True)
+    e = torch.randn(2, 37, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = hf.ops.adaptive_propagate(x, e, 3, dense=True, backend="torch")
+    g = torch.randn(y.shape)
+    ge = torch.autograd.grad(y.float(), e, g)[0]
+    ed = e.detach().double().requires_grad_(True)
+    ge_exact = torch.autograd.grad(ref_adaptive_propagate(x.detach().double(), ed, 3), ed, g.double())[0]
+    assert _rel(ge.double(), ge_exact) < 3e-2
+
+
 def test_adaptive_graph_matches_reference():
     e = torch.randn(2, 7, 3)
     torch.testing.assert_close(hf.ops.adaptive_graph(e), ref_adaptive_graph(e))

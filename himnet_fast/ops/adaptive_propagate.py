@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._checks import check_cheb_k, check_same_device, check_tensor
@@ -36,23 +37,118 @@ def _softmax_relu_scores(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
     return torch.softmax(_acc(torch.relu(s)), dim=-1)
 
 
-class _ReluSoftmax(torch.autograd.Function):
-    """``softmax(relu(s), -1)`` saving the probabilities and a one-byte ReLU mask, not also the
-    ReLU output: the dense graph is the largest tensor a training step keeps (B*N*N for the
-    decoder's per-sample graph: 50 MB at PEMS07, B = 16), and plain autograd kept it twice."""
+class _DenseAdaptiveGraph(torch.autograd.Function):
+    """``softmax(relu(E Eᵀ), -1)`` for E (G, N, D) -> (G, N, N) in the accumulation dtype,
+    a block of rows at a time, saving only E and the probabilities.
+
+    The dense graph is the largest tensor a training step keeps (G*N*N for the decoder's
+    per-sample graph: 48 MiB at PEMS07, B = 16). Plain autograd kept the scores, their ReLU and
+    the probabilities, and its backward built three more (G, N, N) temporaries; here the
+    scores and the ReLU mask are recomputed per block in backward (N*D FLOPs per entry, cheap
+    next to the propagations), the softmax backward and ``dE = dS E + dSᵀ E`` are done per block,
+    so the extra memory is O(block*N) in both directions."""
 
     @staticmethod
-    def forward(ctx, s):
-        p = torch.softmax(_acc(torch.relu(s)), dim=-1)
-        ctx.save_for_backward(p, s > 0)  # relu'(s) = 0 for s <= 0 (torch convention)
-        ctx.s_dtype = s.dtype
+    def forward(ctx, e):
+        G, N, _ = e.shape
+        ef = _acc(e)
+        p = torch.empty(G, N, N, dtype=ef.dtype, device=e.device)
+        # ~3 live (G, rows, N) temporaries: scores, ReLU, exponentials.
+        step = rows_per_chunk(G * N * ef.element_size() * 3, N)
+        for s in range(0, N, step):
+            sc = torch.matmul(ef[:, s:s + step], ef.transpose(1, 2))
+            p[:, s:s + step] = torch.softmax(sc.relu_(), dim=-1)
+        ctx.save_for_backward(e, p)
         return p
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dp):
-        p, mask = ctx.saved_tensors
-        dr = p * (dp - (dp * p).sum(-1, keepdim=True))
-        return dr.mul_(mask).to(ctx.s_dtype)
+        e, p = ctx.saved_tensors
+        G, N, _ = e.shape
+        ef = _acc(e)
+        dp = dp.to(p.dtype)
+        de = torch.zeros_like(ef)
+        step = rows_per_chunk(G * N * ef.element_size() * 3, N)
+        for s in range(0, N, step):
+            eq = ef[:, s:s + step]
+            ps, dps = p[:, s:s + step], dp[:, s:s + step]
+            # softmax backward: dR = P * (dP - rowsum(dP * P))
+            ds = (dps - (dps * ps).sum(-1, keepdim=True)).mul_(ps)
+            # relu'(s) = 0 for s <= 0 (torch convention); the scores are recomputed
+            ds.masked_fill_(torch.matmul(eq, ef.transpose(1, 2)) <= 0, 0.0)
+            de[:, s:s + step] += torch.bmm(ds, ef)       # E as the query
+            de.baddbmm_(ds.transpose(1, 2), eq)          # E as the key
+        return de.to(e.dtype)
+
+
+class GraphGradAccumulator:
+    """One in-place gradient buffer for a dense adaptive graph shared by many products.
+
+    A training step uses the decoder's per-sample graph (B, N, N) in two propagations per
+    step and cell; autograd gives each product its own (B, N, N) gradient and then adds it to
+    the running sum (two such tensors live at once, more inside a recomputed step). With this
+    buffer each product's backward adds ``dY Vᵀ`` into it in place (``_DenseMatmulAcc``) and
+    hands no gradient to the matrix; ``_GradSinkGraph`` passes the sum on once, after the
+    last product's backward (autograd runs it after every consumer of its output)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self):
+        self.buf = None
+
+    def add(self, dy: torch.Tensor, v: torch.Tensor, like: torch.Tensor) -> None:
+        """buf (like's shape and dtype) += dy @ vᵀ, summed over the batch for a shared graph."""
+        dy, v = dy.to(like.dtype), v.to(like.dtype)
+        if like.dim() == 2:   # shared (N, N): the batch becomes extra columns
+            B, N, W = v.shape
+            dy2 = dy.permute(1, 0, 2).reshape(N, B * W)
+            v2 = v.permute(1, 0, 2).reshape(N, B * W)
+            if self.buf is None:
+                self.buf = dy2 @ v2.t()
+            else:
+                self.buf.addmm_(dy2, v2.t())
+        elif self.buf is None:
+            self.buf = torch.bmm(dy, v.transpose(1, 2))
+        else:
+            self.buf.baddbmm_(dy, v.transpose(1, 2))
+
+
+class _GradSinkGraph(torch.autograd.Function):
+    """Identity on the matrix; its backward returns what the products accumulated."""
+
+    @staticmethod
+    def forward(ctx, a, acc):
+        ctx.acc = acc
+        ctx.set_materialize_grads(False)
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        buf, ctx.acc.buf = ctx.acc.buf, None
+        if g is not None:
+            buf = g if buf is None else buf.add_(g)
+        return buf, None
+
+
+class _DenseMatmulAcc(torch.autograd.Function):
+    """``A @ v`` (A (N, N) or (B, N, N), v (B, N, W)) whose gradient for A goes into
+    ``acc.buf`` in place; returns None for A."""
+
+    @staticmethod
+    def forward(ctx, a, v, acc):
+        ctx.acc = acc
+        ctx.save_for_backward(a, v)
+        return torch.matmul(a.to(v.dtype), v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        a, v = ctx.saved_tensors
+        if ctx.needs_input_grad[0]:
+            ctx.acc.add(dy, v, a)
+        dv = torch.matmul(a.to(dy.dtype).transpose(-1, -2), dy) if ctx.needs_input_grad[1] else None
+        return None, dv, None
 
 
 def _check_embedding(embedding) -> torch.Tensor:
@@ -68,8 +164,9 @@ def adaptive_graph(embedding: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(embedding.device, embedding)
     with no_autocast(embedding.device):
         e = cast(embedding, dtype)
-        s = torch.matmul(e, e.transpose(-1, -2))
-        return _ReluSoftmax.apply(s).to(dtype)
+        g = e if e.dim() == 3 else e.unsqueeze(0)
+        a = _DenseAdaptiveGraph.apply(g)
+        return (a if e.dim() == 3 else a.squeeze(0)).to(dtype)
 
 
 # --------------------------------------------------------------------------- streamed (torch)
@@ -167,6 +264,12 @@ class AdaptiveGraph:
             dense = fits and name in (None, "torch")
         self.dense = bool(dense)
         self.matrix = adaptive_graph(embedding) if self.dense else None
+        # Training on a dense graph: its products add their gradient into one buffer in place
+        # (GraphGradAccumulator) instead of one (B, N, N) gradient per product.
+        self.grad_acc = None
+        if self.dense and needs_grad(self.matrix):
+            self.grad_acc = GraphGradAccumulator()
+            self.matrix = _GradSinkGraph.apply(self.matrix, self.grad_acc)
 
     @classmethod
     def from_support(cls, support: torch.Tensor) -> "AdaptiveGraph":
@@ -177,7 +280,7 @@ class AdaptiveGraph:
             raise ValueError(f"support must be square in its last two dims, got {tuple(support.shape)}")
         g = cls.__new__(cls)
         g.embedding, g.per_sample, g.num_nodes = None, support.dim() == 3, support.shape[-1]
-        g.backend, g.dense, g.matrix = None, True, support
+        g.backend, g.dense, g.matrix, g.grad_acc = None, True, support, None
         return g
 
     def _check_v(self, v: torch.Tensor) -> None:
@@ -202,6 +305,8 @@ class AdaptiveGraph:
             if v.numel() == 0:
                 return v.clone()
             if self.dense:
+                if self.grad_acc is not None and needs_grad(self.matrix):
+                    return _DenseMatmulAcc.apply(self.matrix, v, self.grad_acc)
                 return torch.matmul(cast(self.matrix, dtype), v)
             e = cast(self.embedding, dtype)
             _, impl = _backend.resolve("adaptive_matmul", self.backend, v.device, needs_grad(e, v))
