@@ -224,3 +224,51 @@ def test_dense_graph_gradcheck(shape):
     s = e @ e.transpose(-1, -2)
     assert (s < 0).any()
     assert torch.autograd.gradcheck(adaptive_graph, (e,))
+
+
+def test_cpu_heap_release(monkeypatch):
+    """release_cpu_heap trims only on CPU, only above its threshold, and never when disabled;
+    a recomputed sequence calls it once per step in forward and in backward, and gives
+    bitwise the same outputs and grads with trimming on and off."""
+    import sys
+
+    from himnet_fast.ops import _common
+
+    cell_mod = sys.modules["himnet_fast.ops.gcru_cell"]
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_EVERY", "1")
+    assert not _common.release_cpu_heap(torch.device("meta"))
+    monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_MB", "0")
+    assert not _common.release_cpu_heap(cpu)
+    monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_MB", "1e12")       # more than any heap
+    assert not _common.release_cpu_heap(cpu)
+    if _common._glibc():
+        monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_MB", "0.001")  # 1 KiB free is enough
+        junk = [torch.empty(1000) for _ in range(100)]
+        del junk
+        assert _common.release_cpu_heap(cpu)
+        monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_EVERY", "3")   # every third call only
+        junk = [torch.empty(1000) for _ in range(100)]
+        del junk
+        assert [_common.release_cpu_heap(cpu) for _ in range(6)].count(True) == 2
+        monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_EVERY", "1")
+
+    calls = []
+
+    def counting(dev):
+        calls.append(dev)
+        return _common.release_cpu_heap(dev)
+    monkeypatch.setattr(cell_mod, "release_cpu_heap", counting)
+    torch.manual_seed(0)
+    enc = HimEncoder(9, 2, 4, 2, 1, 3, "S", backend="torch")
+    x, e_graph, emb = torch.randn(2, 4, 9, 2), torch.randn(9, 3), torch.randn(9, 3)
+    results = []
+    for mb in ("0", "0.001"):
+        monkeypatch.setenv("HIMNET_FAST_CPU_HEAP_RELEASE_MB", mb)
+        enc.zero_grad()
+        out, _ = enc(x, AdaptiveGraph(e_graph, dense=True), emb)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in enc.parameters()])
+    assert len(calls) == 2 * 2 * 3      # 2 runs x (forward + backward) x 3 recomputed steps
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

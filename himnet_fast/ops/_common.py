@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 import torch
@@ -59,3 +60,72 @@ def cast(t, dtype):
 
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------- CPU heap release
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+
+_CALLS = 0     # calls of release_cpu_heap in this process (it trims on every period-th)
+_LIBC = None   # (malloc_trim, mallinfo2) once looked up; False where glibc lacks them
+
+
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            info = libc.mallinfo2      # glibc >= 2.33
+            info.restype = _MallInfo2
+            _LIBC = (libc.malloc_trim, info)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def heap_release_threshold() -> int:
+    """Free heap bytes above which :func:`release_cpu_heap` trims; 0 disables it."""
+    return int(float(os.environ.get("HIMNET_FAST_CPU_HEAP_RELEASE_MB", "64")) * (1 << 20))
+
+
+def heap_release_period() -> int:
+    """:func:`release_cpu_heap` trims on every this-many-th call (default 4)."""
+    return max(1, int(os.environ.get("HIMNET_FAST_CPU_HEAP_RELEASE_EVERY", "4")))
+
+
+def release_cpu_heap(device: torch.device) -> bool:
+    """Give freed glibc heap pages back to the OS when many have piled up (CPU only).
+
+    Why: PyTorch's CPU tensors come from glibc malloc, whose mmap threshold rises to the size
+    of the largest block freed (up to 32 MiB). After the first large activation is freed, every
+    per-step tensor of a recurrent training step lands in the heap, the heap fragments, and
+    pages freed in its middle stay resident: at PEMS07 B=16 the process held about 1 GB for
+    about 450 MiB of live tensors. A recomputed recurrent step calls this before it runs (in
+    forward and in backward); on every ``$HIMNET_FAST_CPU_HEAP_RELEASE_EVERY``-th call (default
+    4) with more than ``$HIMNET_FAST_CPU_HEAP_RELEASE_MB`` (default 64; 0 disables) free in the
+    heap, ``malloc_trim(0)`` returns those pages (``MADV_DONTNEED``). Results are unchanged; the
+    cost is the trim and the page faults of reusing the pages. Measured at PEMS07 B=16 on a
+    2-core CPU: trimming on every call cut the peak RSS growth from ~1,020 to ~600 MiB for 17%
+    more step time, every 4th call to ~645 MiB for 6%, every 12th to ~735 MiB for ~1%. A
+    no-op off glibc. Returns whether it trimmed."""
+    if device.type != "cpu":
+        return False
+    limit = heap_release_threshold()
+    if limit <= 0:
+        return False
+    libc = _glibc()
+    if not libc:
+        return False
+    global _CALLS
+    _CALLS += 1
+    if _CALLS % heap_release_period():
+        return False
+    trim, info = libc
+    if info().fordblks < limit:
+        return False
+    trim(0)
+    return True

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
-from ._common import autocast_dtype, cast, compute_dtype, needs_grad, no_autocast
+from ._common import autocast_dtype, cast, compute_dtype, needs_grad, no_autocast, release_cpu_heap
 from .adaptive_propagate import AdaptiveGraph
 from .gcru import gcru_gate, gcru_update
 from .meta_linear import apply_generated
@@ -217,12 +217,14 @@ class _GCRUCellRecompute(torch.autograd.Function):
         # Backward runs outside the caller's autocast region: remember it to recompute alike.
         ctx.autocast = {dev: autocast_dtype(torch.device(dev)) for dev in ("cpu", "cuda")}
         ctx.save_for_backward(*args)
+        release_cpu_heap(args[0].device)
         return _step(spec, *args)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         saved = ctx.saved_tensors
+        release_cpu_heap(saved[0].device)
         needs = ctx.needs_input_grad[1:]
         inputs = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(saved, needs)]
         with torch.enable_grad(), _autocast_like(ctx.autocast):
