@@ -204,3 +204,23 @@ def test_large_graph_mode_matches_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     y_ref.sum().backward(), y.sum().backward()
     assert_same_grads(ref, fast)
+
+
+def test_gate_and_update_weights_take_one_form(monkeypatch):
+    """At a budget between the update's (N, I, H) and the gate's (N, I, 2H) per-node weights the
+    budget alone would stream the gate and build the update; the cell op takes one query for
+    both, so the update follows the gate, and the model still equals the reference."""
+    N = 11
+    ref, fast = pair(N, hidden_dim=6, cheb_k=3, num_layers=2, out_steps=3)
+    cell = fast.encoder_s.cells[0]
+    _, i, o = cell.gate.weights_pool.shape
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", str(N * i * (o * 3 // 4) * 4 / 2 ** 20))
+    assert not cell.update.generate(fast.node_embedding).streamed  # the mix the budget alone gives
+    gate, update = cell.generate_maps(fast.node_embedding)
+    assert gate.streamed and update.streamed
+    x, y_cov, _ = make_inputs(2, N, T=4, out_steps=3)
+    ref.eval(), fast.eval()
+    y_ref, y = ref(x, y_cov), fast(x, y_cov)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y_ref.sum().backward(), y.sum().backward()
+    assert_same_grads(ref, fast)

@@ -79,7 +79,7 @@ class AVWGCN(nn.Module):
     def _check_query(self, q) -> None:
         _check_embeddings(q, self.embed_dim)
 
-    def generate(self, node_embeddings: torch.Tensor) -> GeneratedLinear:
+    def generate(self, node_embeddings: torch.Tensor, streamed: Optional[bool] = None) -> GeneratedLinear:
         """The per-node linear map for ``node_embeddings`` (N, D), built once per forward.
 
         :class:`GeneratedLinear` reads ``meta_axis``, ``weights_pool`` (3-d, k-major rows),
@@ -88,7 +88,7 @@ class AVWGCN(nn.Module):
         d, k, i, o = self.weights_pool.shape
         view = SimpleNamespace(meta_axis="S", weights_pool=self.weights_pool.view(d, k * i, o),
                                bias_pool=self.bias_pool, _check_query=self._check_query)
-        return GeneratedLinear(view, node_embeddings, self.backend)
+        return GeneratedLinear(view, node_embeddings, self.backend, streamed)
 
     def forward(self, x: torch.Tensor, node_embeddings: torch.Tensor, *,
                 graph: Optional[AdaptiveGraph] = None) -> torch.Tensor:
@@ -144,8 +144,7 @@ class AGCRNCell(HimGCRU):
         if graph is None:
             graph = AdaptiveGraph(node_embeddings, backend=self.backend)
         state = state.to(x.device)
-        return self._step(x, state, graph, self.gate.generate(node_embeddings),
-                          self.update.generate(node_embeddings))
+        return self._step(x, state, graph, *self.generate_maps(node_embeddings))
 
 
 class AVWDCRNN(nn.Module):
@@ -187,7 +186,7 @@ class AVWDCRNN(nn.Module):
             if init_state is None:
                 current = cell.run_sequence(current, graph, node_embeddings)
             else:
-                gate, update = cell.gate.generate(node_embeddings), cell.update.generate(node_embeddings)
+                gate, update = cell.generate_maps(node_embeddings)
                 state = init_state[i].to(x.device)
                 states = []
                 for t in range(current.shape[1]):

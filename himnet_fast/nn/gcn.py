@@ -32,7 +32,8 @@ class GeneratedLinear:
     weight (the part of a k-major ``cat(x, h)`` input that belongs to x or to h).
     """
 
-    def __init__(self, gcn: "HimGCN", embeddings: Optional[torch.Tensor], backend: Optional[str]):
+    def __init__(self, gcn: "HimGCN", embeddings: Optional[torch.Tensor], backend: Optional[str],
+                 streamed: Optional[bool] = None):
         self.axis = gcn.meta_axis
         self.backend = backend
         if self.axis is None:
@@ -41,8 +42,12 @@ class GeneratedLinear:
         gcn._check_query(embeddings)
         self.query = embeddings
         self.bias = embeddings @ gcn.bias_pool  # (B, O), (N, O) or (B, N, O)
-        self.streamed = self.axis == "ST" or (
-            self.axis == "S" and not materialize_node_weights(embeddings.shape[0], gcn.weights_pool))
+        if self.axis == "S" and streamed is not None:
+            # A GCRU's two maps must take the same form: its cell op receives one query for both.
+            self.streamed = bool(streamed)
+        else:
+            self.streamed = self.axis == "ST" or (
+                self.axis == "S" and not materialize_node_weights(embeddings.shape[0], gcn.weights_pool))
         if self.streamed:
             self.weight = gcn.weights_pool
         else:
@@ -146,9 +151,12 @@ class HimGCN(nn.Module):
             raise ValueError(f"embeddings has {q.shape[-1]} columns (shape {tuple(q.shape)}), "
                              f"expected embed_dim={self.embed_dim} for meta_axis {self.meta_axis!r}")
 
-    def generate(self, embeddings: Optional[torch.Tensor]) -> GeneratedLinear:
-        """Build the generated linear map for ``embeddings`` once, to apply at many steps."""
-        return GeneratedLinear(self, embeddings, self.backend)
+    def generate(self, embeddings: Optional[torch.Tensor], streamed: Optional[bool] = None) -> GeneratedLinear:
+        """Build the generated linear map for ``embeddings`` once, to apply at many steps.
+
+        ``streamed`` (axis "S" only) overrides the budget's choice between building the (N, I, O)
+        weights and streaming them from the pool; None lets the budget decide."""
+        return GeneratedLinear(self, embeddings, self.backend, streamed)
 
     def forward(self, x: torch.Tensor, support: Support, embeddings: Optional[torch.Tensor] = None,
                 linear: Optional[GeneratedLinear] = None) -> torch.Tensor:

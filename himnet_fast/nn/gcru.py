@@ -60,8 +60,19 @@ class HimGCRU(nn.Module):
             raise ValueError(f"state must have shape {tuple(x.shape[:2]) + (self.hidden_dim,)}, "
                              f"got {tuple(state.shape)}")
         graph = as_graph(support)
-        gate, update = self.gate.generate(embeddings), self.update.generate(embeddings)
+        gate, update = self.generate_maps(embeddings)
         return self._step(x, state, graph, gate, update)
+
+    def generate_maps(self, embeddings):
+        """(gate, update) linear maps for ``embeddings``, in the same form.
+
+        The cell op takes one query for both maps, so per-node ("S") weights are either built
+        for both or streamed for both. The gate's pool is the larger (2H outputs against H), so
+        its budget decision is the one both follow: otherwise, at graph sizes between the two
+        thresholds, the gate would stream while the update built its weights.
+        """
+        gate = self.gate.generate(embeddings)
+        return gate, self.update.generate(embeddings, streamed=gate.streamed)
 
     def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
         """One step from x (B, N, C) and state (B, N, H): the input is propagated here, the
@@ -115,7 +126,7 @@ class HimGCRU(nn.Module):
         B, T, N, C = xs.shape
         H, k = self.hidden_dim, self.gate.cheb_k
         graph = as_graph(graph)
-        gate, update = self.gate.generate(embeddings), self.update.generate(embeddings)
+        gate, update = self.generate_maps(embeddings)
         ix, ih = _split_rows(k, C, H, xs.device)
         # T_k applies to every step alike: fold the steps into value columns, one call per term.
         terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), k)
@@ -180,7 +191,7 @@ class HimDecoder(_Stack):
 
     def generate(self, embeddings) -> List[tuple]:
         """Per-layer (gate, update) linear maps for ``embeddings``, reusable across steps."""
-        return [(c.gate.generate(embeddings), c.update.generate(embeddings)) for c in self.cells]
+        return [c.generate_maps(embeddings) for c in self.cells]
 
     def forward(self, xt, init_state, support: Support, embeddings=None, linears=None):
         """xt (B, N, input_dim), init_state: per-layer (B, N, H) ->
