@@ -63,6 +63,7 @@ def _triton_import_error() -> Optional[str]:
 
 
 def _check(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else why not (every op's ``check``)."""
     err = _triton_import_error()
     if err is not None:
         return err
