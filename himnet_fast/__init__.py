@@ -19,7 +19,7 @@ def _bind_checkout_kernels() -> None:
     # top-level "kernels" package that happens to sit beside an installed copy.
     if (__name__ + ".kernels" in sys.modules or not os.path.isfile(init)
             or not os.path.isfile(os.path.join(root, "setup.py"))
-            or not os.path.isfile(os.path.join(kdir, "adaptive_propagate.py"))):
+            or not os.path.isfile(os.path.join(kdir, "adaptive_matmul.py"))):
         return
     spec = importlib.util.spec_from_file_location(__name__ + ".kernels", init, submodule_search_locations=[kdir])
     module = importlib.util.module_from_spec(spec)

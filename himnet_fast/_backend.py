@@ -1,6 +1,6 @@
 """Backend registry and selection.
 
-Every op (``meta_linear``, ``adaptive_propagate``, ``gcru_gate``, ``gcru_update``) has one
+Every op (``meta_linear``, ``adaptive_matmul``, ``gcru_gate``, ``gcru_update``) has one
 implementation per backend. A backend registers itself with :func:`register`; the op asks
 :func:`resolve` which one to run for the tensors at hand.
 

@@ -1,6 +1,7 @@
-"""Helpers shared by the Triton launchers: interpreter detection, block sizes, dot precision.
+"""Helpers shared by the Triton launchers and backend entries: interpreter detection, block
+sizes, dot precision, dtype promotion.
 
-Only launchers (plain Python) use these; the ``@triton.jit`` kernels take the results as
+Only plain Python (launchers, entries) uses these; the ``@triton.jit`` kernels take the results as
 ``tl.constexpr`` arguments so that every mode switch compiles away.
 """
 from __future__ import annotations
@@ -23,6 +24,19 @@ MIN_DOT = 16
 # Element offsets are computed in int32 inside the kernels unless a tensor spans more than
 # this (see needs_int64).
 _MAX_OFFSET = 2 ** 31 - 1
+
+
+def promote(*tensors: Optional[torch.Tensor]) -> tuple:
+    """The tensors cast to their promoted common dtype (``torch.promote_types``), None kept.
+
+    Each kernel reads and writes one dtype throughout, so the backend entries promote mixed
+    inputs first, as PyTorch's own type promotion would; a tensor already in that dtype is
+    passed on as it is (no copy)."""
+    dt = None
+    for t in tensors:
+        if t is not None:
+            dt = t.dtype if dt is None else torch.promote_types(dt, t.dtype)
+    return tuple(t if t is None or t.dtype == dt else t.to(dt) for t in tensors)
 
 
 def interpreting() -> bool:

@@ -109,7 +109,7 @@ def test_bad_input():
         block_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool))
 
 
-# ---- Triton backend (kernels/sba_attention.py), interpreter on CPU: tiny shapes only ----
+# ---- Triton backend (kernels/block_attention.py), interpreter on CPU: tiny shapes only ----
 from conftest import DEVICE, HAS_TRITON  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,10 +30,11 @@ def _tf32_off():
         yield
 
 
-def _tb():
+def _entry(op):
+    """The op's "triton" backend entry, from its kernel module (imports triton: called in tests only)."""
     from himnet_fast.ops import _triton_backend
 
-    return _triton_backend
+    return _triton_backend.entry(op)
 
 
 def _err(a, b):
@@ -84,7 +85,7 @@ def test_meta_linear_fp32_real_sizes(axis, B, N, I, O, D):
     x, q, p, pb = _ml_inputs(axis, B, N, I, O, D)
     g = torch.randn(B, N, O, device=CUDA, dtype=torch.float64)
     want, gwant = _run(lambda *a: ref_meta_linear(*a, axis), [_leaf(t) for t in (x, q, p, pb)], g)
-    got, ggot = _run(lambda *a: _tb().triton_meta_linear(*a, axis),
+    got, ggot = _run(lambda *a: _entry("meta_linear")(*a, axis),
                      [_leaf(t, torch.float32) for t in (x, q, p, pb)], g.float())
     _assert_rel(got, want, 1e-4, "y")
     for name, a, b in zip(("dx", "dq", "dP", "dPb"), ggot, gwant):
@@ -98,7 +99,7 @@ def test_meta_linear_bf16_real_sizes(axis, B, N, I, O, D):
     exact, gexact = _run(lambda *a: ref_meta_linear(*a, axis), [_leaf(t, torch.float64) for t in rounded],
                          g.double())
     own, gown = _run(lambda *a: ref_meta_linear(*a, axis), [_leaf(t) for t in rounded], g)
-    got, ggot = _run(lambda *a: _tb().triton_meta_linear(*a, axis), [_leaf(t) for t in rounded], g)
+    got, ggot = _run(lambda *a: _entry("meta_linear")(*a, axis), [_leaf(t) for t in rounded], g)
     _assert_lowp(got, exact, own, "y")
     for name, a, b, c in zip(("dx", "dq", "dP", "dPb"), ggot, gexact, gown):
         _assert_lowp(a, b, c, name)
@@ -108,9 +109,9 @@ def test_meta_linear_tf32_follows_torch_flag():
     """With allow_tf32 the kernels use TF32 (a visible, bounded error); without, exact fp32."""
     x, q, p, pb = _ml_inputs("ST", 16, 883, 134, 128, 16, torch.float32)
     exact = ref_meta_linear(*(t.double() for t in (x, q, p, pb)), "ST")
-    ieee = _tb().triton_meta_linear(x, q, p, pb, "ST")
+    ieee = _entry("meta_linear")(x, q, p, pb, "ST")
     with tf32_matmul(True):
-        tf32 = _tb().triton_meta_linear(x, q, p, pb, "ST")
+        tf32 = _entry("meta_linear")(x, q, p, pb, "ST")
     scale = exact.abs().max().item()
     assert _err(ieee, exact) <= 1e-5 * scale
     assert _err(tf32, exact) <= 1e-2 * scale
@@ -125,7 +126,7 @@ def test_meta_linear_st_memory_is_lean():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    y = _tb().triton_meta_linear(x, q, p, pb, "ST")
+    y = _entry("meta_linear")(x, q, p, pb, "ST")
     y.backward(torch.ones_like(y))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
@@ -138,7 +139,7 @@ def test_meta_linear_deterministic_on_gpu():
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [_run(lambda *a: _tb().triton_meta_linear(*a, "ST"), [_leaf(t) for t in (x, q, p, pb)], g)
+        runs = [_run(lambda *a: _entry("meta_linear")(*a, "ST"), [_leaf(t) for t in (x, q, p, pb)], g)
                 for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(prev)
@@ -155,7 +156,7 @@ def test_adaptive_matmul_deterministic_on_gpu():
     e = torch.randn(16, 883, 16, device=CUDA) * 0.5
     v = torch.randn(16, 883, 67, device=CUDA)
     g = torch.randn(16, 883, 67, device=CUDA)
-    runs = [_run(_tb().triton_adaptive_matmul, [_leaf(e), _leaf(v)], g) for _ in range(2)]
+    runs = [_run(_entry("adaptive_matmul"), [_leaf(e), _leaf(v)], g) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
@@ -179,7 +180,7 @@ def test_adaptive_matmul_fp32_real_sizes(G, N, D, W):
     v = torch.randn(G, N, W, device=CUDA, dtype=torch.float64)
     g = torch.randn(G, N, W, device=CUDA, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(_tb().triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    got, ggot = _run(_entry("adaptive_matmul"), [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
     _assert_rel(got, want, 1e-4, "out")
     for name, a, b in zip(("dE", "dV"), ggot, gwant):
         _assert_rel(a, b, 1e-4, name)
@@ -192,7 +193,7 @@ def test_adaptive_matmul_bf16_real_sizes(G, N, D, W):
     g = torch.randn(G, N, W, device=CUDA).to(torch.bfloat16)
     exact, gexact = _run(_am_ref, [_leaf(e, torch.float64), _leaf(v, torch.float64)], g.double())
     own, gown = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(_tb().triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(_entry("adaptive_matmul"), [_leaf(e), _leaf(v)], g)
     _assert_lowp(got, exact, own, "out")
     for name, a, b, c in zip(("dE", "dV"), ggot, gexact, gown):
         _assert_lowp(a, b, c, name)
@@ -206,7 +207,7 @@ def test_adaptive_matmul_no_nxn_buffer():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = _tb().triton_adaptive_matmul(e, v)
+    out = _entry("adaptive_matmul")(e, v)
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
@@ -231,8 +232,8 @@ def test_gcru_real_sizes(dtype):
     def update_ref(c, rr, hh):
         return rr * hh + (1 - rr) * torch.tanh(c)
 
-    cases = ((gate_ref, lambda a, b: _tb().triton_gcru_gate(a, b)[0], (pre, h)),
-             (update_ref, _tb().triton_gcru_update, (pre[..., :H], r, h)))
+    cases = ((gate_ref, lambda a, b: _entry("gcru_gate")(a, b)[0], (pre, h)),
+             (update_ref, _entry("gcru_update"), (pre[..., :H], r, h)))
     for ref, fn, inputs in cases:
         exact, gexact = _run(ref, [_leaf(t, torch.float64) for t in inputs], g.double())
         got, ggot = _run(fn, [_leaf(t) for t in inputs], g)

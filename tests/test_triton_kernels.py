@@ -33,7 +33,7 @@ _REASON = (_backend.unavailable_reason("meta_linear", "triton", DEVICE) if HAS_T
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
 if _REASON is None:
-    from himnet_fast.kernels import adaptive_propagate as k_am
+    from himnet_fast.kernels import adaptive_matmul as k_am
     from himnet_fast.kernels import gcru as k_gcru
     from himnet_fast.kernels import meta_linear as k_ml
     from himnet_fast.kernels import _utils as k_utils
@@ -91,7 +91,7 @@ def _ml_inputs(axis, B, N, I, O, D, bias=True, dtype=torch.float64):
 
 
 def _ml_triton(axis):
-    return lambda x, q, p, pb: tb.triton_meta_linear(x, q, p, pb, axis)
+    return lambda x, q, p, pb: k_ml.triton_meta_linear(x, q, p, pb, axis)
 
 
 def _ml_ref(axis):
@@ -188,13 +188,13 @@ def test_meta_linear_zero_size(axis):
     if axis == "S":
         q = torch.randn(4, 2)
     leaves = [_leaf(t) for t in (x, q, p, pb)]
-    y = tb.triton_meta_linear(*leaves, axis)
+    y = k_ml.triton_meta_linear(*leaves, axis)
     assert y.shape == (0, 4, 6)
     y.sum().backward()
     assert torch.count_nonzero(leaves[2].grad) == 0 and torch.count_nonzero(leaves[3].grad) == 0
     # No input columns: y is the bias alone.
     x, q, p, pb = _ml_inputs(axis, 2, 4, 0, 6, 2, dtype=torch.float32)
-    _assert_rel(tb.triton_meta_linear(x, q, p, pb, axis), ref_meta_linear(x, q, p, pb, axis), 1e-6, "bias only")
+    _assert_rel(k_ml.triton_meta_linear(x, q, p, pb, axis), ref_meta_linear(x, q, p, pb, axis), 1e-6, "bias only")
 
 
 # --------------------------------------------------------------------------- adaptive_matmul
@@ -213,7 +213,7 @@ def test_adaptive_matmul_matches_reference_fp32(G, N, D, W):
     e, v = torch.randn(G, N, D, dtype=torch.float64), torch.randn(G, N, W, dtype=torch.float64)
     g = torch.randn(G, N, W, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
     _assert_rel(got, want.float(), 1e-4, "out")
     for name, a, b in zip(("dE", "dV"), ggot, gwant):
         _assert_rel(a, b.float(), 1e-4, name)
@@ -223,7 +223,7 @@ def test_adaptive_matmul_fp64_exact():
     e, v = torch.randn(2, 23, 6, dtype=torch.float64), torch.randn(2, 23, 9, dtype=torch.float64)
     g = torch.randn(2, 23, 9, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
     _assert_rel(got, want, 1e-10, "out")
     for name, a, b in zip(("dE", "dV"), ggot, gwant):
         _assert_rel(a, b, 1e-10, name)
@@ -240,7 +240,7 @@ def test_adaptive_matmul_non_positive_rows():
     v = torch.randn(G, N, W, dtype=torch.float64)
     g = torch.randn(G, N, W, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
     _assert_rel(got, want.float(), 1e-4, "out")
     torch.testing.assert_close(got[0, 4], v[0].float().mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], v[1].float().mean(0).expand(N, W), rtol=1e-5, atol=1e-6)
@@ -257,7 +257,7 @@ def test_adaptive_matmul_low_precision(dtype, G, N, D, W):
     g = torch.randn(G, N, W).to(dtype)
     exact, gexact = _run(_am_ref, [_leaf(e, torch.float64), _leaf(v, torch.float64)], g.double())
     own, gown = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
     _assert_lowp(got, exact, own, "out")
     for name, a, b, c in zip(("dE", "dV"), ggot, gexact, gown):
         _assert_lowp(a, b, c, name)
@@ -266,7 +266,7 @@ def test_adaptive_matmul_low_precision(dtype, G, N, D, W):
 def test_adaptive_matmul_saves_only_e_v_out_lse():
     G, N, D, W = 2, 37, 5, 6
     e, v = _leaf(torch.randn(G, N, D)), _leaf(torch.randn(G, N, W))
-    out = tb.triton_adaptive_matmul(e, v)
+    out = k_am.triton_adaptive_matmul(e, v)
     saved = out.grad_fn.saved_tensors
     assert [tuple(t.shape) for t in saved] == [(G, N, D), (G, N, W), (G, N, W), (G, N)]
     lse = saved[3]
@@ -278,11 +278,11 @@ def test_adaptive_matmul_saves_only_e_v_out_lse():
 def test_adaptive_matmul_non_contiguous_is_bitwise_the_same():
     G, N, D, W = 2, 29, 6, 20
     e, v, g = torch.randn(G, N, D), torch.randn(G, N, W), torch.randn(G, N, W)
-    want, gwant = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    want, gwant = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
     es = e.transpose(1, 2).contiguous().transpose(1, 2)
     vs = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     assert not es.is_contiguous() and not vs.is_contiguous()
-    got, ggot = _run(tb.triton_adaptive_matmul, [es.requires_grad_(True), vs.requires_grad_(True)], g)
+    got, ggot = _run(k_am.triton_adaptive_matmul, [es.requires_grad_(True), vs.requires_grad_(True)], g)
     assert torch.equal(got, want)  # same tiles, same order: bitwise equal
     for a, b in zip(ggot, gwant):
         assert torch.equal(a, b)
@@ -311,7 +311,7 @@ def test_gcru_fp32(shape):
     leaves32 = [pre_big.float()[..., H:].requires_grad_(True), _leaf(h, torch.float32)]
     assert not leaves32[0].is_contiguous() or pre.numel() == 0
     want, gwant = _run(_gate_ref, leaves64, (gz, gr))
-    got, ggot = _run(tb.triton_gcru_gate, leaves32, (gz.float(), gr.float()))
+    got, ggot = _run(k_gcru.triton_gcru_gate, leaves32, (gz.float(), gr.float()))
     for name, a, b in zip(("zh", "r", "dpre", "dh"), list(got) + list(ggot), list(want) + list(gwant)):
         _assert_rel(a, b.detach().float(), 1e-5, name)
 
@@ -319,7 +319,7 @@ def test_gcru_fp32(shape):
     leaves64 = [_leaf(t) for t in (c, r, h)]
     leaves32 = [_leaf(t, torch.float32) for t in (c, r, h)]
     want, gwant = _run(_update_ref, leaves64, gz)
-    got, ggot = _run(tb.triton_gcru_update, leaves32, gz.float())
+    got, ggot = _run(k_gcru.triton_gcru_update, leaves32, gz.float())
     _assert_rel(got, want.float(), 1e-5, "update out")
     for a, b in zip(ggot, gwant):
         _assert_rel(a, b.float(), 1e-5, "update grad")
@@ -336,14 +336,14 @@ def test_gcru_low_precision_and_extremes(dtype):
     exact, gexact = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre, torch.float64), _leaf(h, torch.float64)],
                          g.double())
     own, gown = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre), _leaf(h)], g)
-    got, ggot = _run(lambda a, b: tb.triton_gcru_gate(a, b)[0], [_leaf(pre), _leaf(h)], g)
+    got, ggot = _run(lambda a, b: k_gcru.triton_gcru_gate(a, b)[0], [_leaf(pre), _leaf(h)], g)
     _assert_lowp(got, exact, own, "zh")
     for a, b, c in zip(ggot, gexact, gown):
         assert torch.isfinite(a).all()
         _assert_lowp(a, b, c, "gate grad")
     exact, gexact = _run(_update_ref, [_leaf(t, torch.float64) for t in (pre[..., :H], r, h)], g.double())
     own, gown = _run(_update_ref, [_leaf(t) for t in (pre[..., :H], r, h)], g)
-    got, ggot = _run(tb.triton_gcru_update, [_leaf(t) for t in (pre[..., :H], r, h)], g)
+    got, ggot = _run(k_gcru.triton_gcru_update, [_leaf(t) for t in (pre[..., :H], r, h)], g)
     _assert_lowp(got, exact, own, "h'")
     for a, b, c in zip(ggot, gexact, gown):
         assert torch.isfinite(a).all()
@@ -474,12 +474,12 @@ def test_int64_offset_variant_is_bitwise_equal(monkeypatch):
         for axis, inputs in ml_cases:
             leaves = [_leaf(t) for t in inputs]
             outs += _run(_ml_triton(axis), leaves, torch.ones(3, 18, 17))[1]
-            outs.append(tb.triton_meta_linear(*inputs, axis))
-        out, grads = _run(tb.triton_adaptive_matmul, [_leaf(e), _leaf(v)], v)
+            outs.append(k_ml.triton_meta_linear(*inputs, axis))
+        out, grads = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], v)
         outs += [out, *grads]
         pl, hl = _leaf(pre), _leaf(h)
-        zh, r = tb.triton_gcru_gate(pl, hl)
-        hn = tb.triton_gcru_update(pl[..., :7], r, hl)
+        zh, r = k_gcru.triton_gcru_gate(pl, hl)
+        hn = k_gcru.triton_gcru_update(pl[..., :7], r, hl)
         outs += [zh, r, hn, *torch.autograd.grad((zh * 2 + hn).sum(), [pl, hl])]
         return outs
 
@@ -519,7 +519,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from himnet_fast.kernels import adaptive_propagate as ap, gcru as gc, meta_linear as ml
+    from himnet_fast.kernels import adaptive_matmul as ap, gcru as gc, meta_linear as ml
 
     def build(fn, ptrs, const, arch, warps=4):
         sig = {n: "constexpr" if n in const else (ptrs.get(n, ptrs["*"]) if n.endswith("_ptr") else "i32")

@@ -1,14 +1,24 @@
-"""The "triton" backend: autograd Functions over the kernels in ``himnet_fast.kernels``.
+"""The "triton" backend: what its ops share, and the table that registers them.
 
-Registers ``meta_linear``, ``adaptive_matmul``, ``gcru_gate`` and ``gcru_update`` with a
-``check`` that names why Triton cannot run: the package is missing, the device is neither
-CUDA nor CPU, or a CPU tensor arrives without ``TRITON_INTERPRET=1`` (the interpreter, how CI
-runs the kernels). The kernel modules are imported on first use only, so
-``import himnet_fast`` works without Triton and pays no Triton start-up cost.
+Each op's Triton code lives in one module of ``himnet_fast.kernels`` (``kernels/`` in the
+source tree), top to bottom: the ``@triton.jit`` kernels, the launchers (allocation, grids,
+block sizes), the autograd Function, and the backend entry registered here (:data:`OPS`):
 
-Each Function saves only what its backward needs: meta_linear (x, query, pool, bias_pool),
-adaptive_matmul (E, V, out, per-row fp32 logsumexp), the GCRU tail its pre-activations and
-inputs (activations are recomputed). All backward passes are deterministic (no atomics).
+===============  ===========================  ==========================================
+op               module                       Function -> entry
+===============  ===========================  ==========================================
+meta_linear      kernels/meta_linear.py       MetaLinearFunction -> triton_meta_linear
+adaptive_matmul  kernels/adaptive_matmul.py   AdaptiveMatmulFunction -> triton_adaptive_matmul
+gcru_gate        kernels/gcru.py              GcruGateFunction -> triton_gcru_gate
+gcru_update      kernels/gcru.py              GcruUpdateFunction -> triton_gcru_update
+===============  ===========================  ==========================================
+
+This module keeps what they share: :func:`_check`, the ``check`` of every registration, which
+names why Triton cannot run (the package is missing, the device is neither CUDA nor CPU, or a
+CPU tensor arrives without ``TRITON_INTERPRET=1``, the interpreter CI runs the kernels in), and
+:func:`allow_meta` for ahead-of-time compilation. The kernel module is imported when its op
+first runs on this backend, so ``import himnet_fast`` works without Triton and pays no Triton
+start-up cost. The entries promote mixed input dtypes (``_utils.promote``).
 """
 from __future__ import annotations
 
@@ -18,7 +28,6 @@ import os
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _backend
 
@@ -53,11 +62,8 @@ def _triton_import_error() -> Optional[str]:
     return _TRITON_ERROR
 
 
-def _kernels(name: str):
-    return importlib.import_module(f"himnet_fast.kernels.{name}")
-
-
 def _check(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else why not (every op's ``check``)."""
     err = _triton_import_error()
     if err is not None:
         return err
@@ -82,114 +88,37 @@ def _check(device: torch.device) -> Optional[str]:
     return f"device type {device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
 
 
-def _common_dtype(*tensors):
-    dt = None
-    for t in tensors:
-        if t is not None:
-            dt = t.dtype if dt is None else torch.promote_types(dt, t.dtype)
-    return dt
+# op -> (module in himnet_fast.kernels, backend entry in it). The entries take the op's
+# validated arguments, as the other backends' implementations do.
+OPS = {
+    "meta_linear": ("meta_linear", "triton_meta_linear"),
+    "adaptive_matmul": ("adaptive_matmul", "triton_adaptive_matmul"),
+    "gcru_gate": ("gcru", "triton_gcru_gate"),
+    "gcru_update": ("gcru", "triton_gcru_update"),
+}
 
 
-# --------------------------------------------------------------------------- meta_linear
-
-class MetaLinearFunction(torch.autograd.Function):
-    """y (B, N, O) = sum_d q_d (x @ P_d) + q @ Pb without the generated weight tensor."""
-
-    @staticmethod
-    def forward(ctx, x, query, pool, bias_pool, axis):
-        ctx.axis = axis
-        ctx.save_for_backward(x, query, pool, bias_pool)
-        return _kernels("meta_linear").meta_linear_forward(x, query, pool, bias_pool, axis)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, query, pool, bias_pool = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:4])
-        dx, dq, dp, dpb = _kernels("meta_linear").meta_linear_backward(dy, x, query, pool, bias_pool,
-                                                                      ctx.axis, needs)
-        return dx, dq, dp, dpb, None
+def entry(op: str):
+    """The backend entry of ``op`` (imports its kernel module, and with it Triton)."""
+    module, name = OPS[op]
+    return getattr(importlib.import_module(f"himnet_fast.kernels.{module}"), name)
 
 
-def triton_meta_linear(x, query, weight_pool, bias_pool, axis):
-    """x (B, N, I), query (B, D) | (N, D) | (B, N, D), weight_pool (D, I, O), bias_pool (D, O)
-    or None, axis "T" | "S" | "ST" -> (B, N, O)."""
-    dt = _common_dtype(x, query, weight_pool, bias_pool)
-    x, query, weight_pool = (t if t.dtype == dt else t.to(dt) for t in (x, query, weight_pool))
-    if bias_pool is not None and bias_pool.dtype != dt:
-        bias_pool = bias_pool.to(dt)
-    return MetaLinearFunction.apply(x, query, weight_pool, bias_pool, axis.upper())
+def _lazy(op: str):
+    """A stand-in for ``entry(op)`` that imports the kernel module on its first call only."""
+    fn = None
+
+    def run(*args):
+        nonlocal fn
+        if fn is None:
+            fn = entry(op)
+        return fn(*args)
+
+    module, name = OPS[op]
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"himnet_fast.kernels.{module}.{name}, imported on first call."
+    return run
 
 
-# --------------------------------------------------------------------------- adaptive_matmul
-
-class AdaptiveMatmulFunction(torch.autograd.Function):
-    """out (G, N, W) = softmax(relu(E Eᵀ), -1) @ V, flash style; saves E, V, out, lse."""
-
-    @staticmethod
-    def forward(ctx, e, v):
-        out, lse = _kernels("adaptive_propagate").adaptive_matmul_forward(e, v)
-        ctx.save_for_backward(e, v, out, lse)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        e, v, out, lse = ctx.saved_tensors
-        need_e, need_v = ctx.needs_input_grad
-        return _kernels("adaptive_propagate").adaptive_matmul_backward(dout, e, v, out, lse, need_e, need_v)
-
-
-def triton_adaptive_matmul(e, v):
-    """e (G, N, D), v (G, N, W) -> (G, N, W)."""
-    dt = _common_dtype(e, v)
-    return AdaptiveMatmulFunction.apply(e if e.dtype == dt else e.to(dt), v if v.dtype == dt else v.to(dt))
-
-
-# --------------------------------------------------------------------------- GCRU tail
-
-class GcruGateFunction(torch.autograd.Function):
-    """(pre (..., 2H), h (..., H)) -> (sigmoid(pre[..., :H]) * h, sigmoid(pre[..., H:]))."""
-
-    @staticmethod
-    def forward(ctx, pre, h):
-        ctx.save_for_backward(pre, h)
-        return _kernels("gcru").gcru_gate_forward(pre, h)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dzh, dr):
-        pre, h = ctx.saved_tensors
-        dpre, dh = _kernels("gcru").gcru_gate_backward(pre, h, dzh, dr)
-        return dpre.view(pre.shape), dh.view(h.shape)
-
-
-class GcruUpdateFunction(torch.autograd.Function):
-    """(pre_c, r, h) (..., H) -> r * h + (1 - r) * tanh(pre_c)."""
-
-    @staticmethod
-    def forward(ctx, pre_c, r, h):
-        ctx.save_for_backward(pre_c, r, h)
-        return _kernels("gcru").gcru_update_forward(pre_c, r, h)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        pre_c, r, h = ctx.saved_tensors
-        return _kernels("gcru").gcru_update_backward(pre_c, r, h, dout)
-
-
-def triton_gcru_gate(pre, h):
-    dt = _common_dtype(pre, h)
-    return GcruGateFunction.apply(pre if pre.dtype == dt else pre.to(dt), h if h.dtype == dt else h.to(dt))
-
-
-def triton_gcru_update(pre_c, r, h):
-    dt = _common_dtype(pre_c, r, h)
-    return GcruUpdateFunction.apply(*(t if t.dtype == dt else t.to(dt) for t in (pre_c, r, h)))
-
-
-_backend.register("meta_linear", "triton", triton_meta_linear, check=_check)
-_backend.register("adaptive_matmul", "triton", triton_adaptive_matmul, check=_check)
-_backend.register("gcru_gate", "triton", triton_gcru_gate, check=_check)
-_backend.register("gcru_update", "triton", triton_gcru_update, check=_check)
+for _op in OPS:
+    _backend.register(_op, "triton", _lazy(_op), check=_check)

@@ -135,34 +135,6 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None
 
 
-class _BlockAttentionTriton(torch.autograd.Function):
-    """Same contract as :class:`_BlockAttention`, computed by kernels/sba_attention.py."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        from himnet_fast.kernels import sba_attention as K
-        B, P, M, d = q.shape
-        flat = lambda t: t.reshape(B * P, M, t.shape[-1]).contiguous()
-        m8 = mask.expand(B, P, M).reshape(B * P, M).to(torch.int8).contiguous()
-        qf, kf, vf = flat(q), flat(k), flat(v)
-        o, lse = K.forward(qf, kf, vf, m8, scale)
-        ctx.save_for_backward(qf, kf, vf, m8, o, lse)
-        ctx.scale = scale
-        return o.reshape(B, P, M, -1)
-
-    @staticmethod
-    def backward(ctx, dout):
-        from himnet_fast.kernels import sba_attention as K
-        qf, kf, vf, m8, o, lse = ctx.saved_tensors
-        B, P, M, dv = dout.shape
-        do = dout.reshape(B * P, M, dv).contiguous()
-        sd = K.stat_dtype(qf)
-        delta = (do.to(sd) * o.to(sd)).sum(-1).contiguous()
-        dq, dk, dvv = K.backward(qf, kf, vf, m8, do, lse, delta, ctx.scale)
-        shape = lambda t: t.reshape(B, P, M, t.shape[-1])
-        return shape(dq), shape(dk), shape(dvv), None, None
-
-
 def _triton_usable(t: torch.Tensor) -> bool:
     import os
     try:
@@ -199,7 +171,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not _triton_usable(q):
             raise RuntimeError("backend='triton' needs Triton and a CUDA tensor "
                                "(or TRITON_INTERPRET=1 for CPU tensors)")
-        return _BlockAttentionTriton.apply(q, k, v, mask, float(scale))
+        from himnet_fast.kernels.block_attention import triton_block_attention
+        return triton_block_attention(q, k, v, mask, float(scale))
     return _BlockAttention.apply(q, k, v, mask, float(scale))
 
 
