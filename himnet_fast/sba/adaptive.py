@@ -70,23 +70,28 @@ def _parts_per_chunk(G: int, M: int, P: int, itemsize: int) -> int:
     return max(1, min(P, chunk_bytes() // max(1, per_part)))
 
 
-def _probs(eq, keys, valid):
-    """softmax over keys of relu(eq · keys) with invalid keys excluded: (scores, probabilities)."""
+def _probs(eq, keys, bias, with_relu_mask=False):
+    """softmax over keys of relu(eq · keys) with invalid keys excluded: (probabilities, the
+    ReLU's zero mask ``s <= 0`` or None). In place on the score buffer: this loop is bound by
+    passes over (M+P)-wide rows, not by the matmuls."""
     s = torch.matmul(eq, keys.transpose(-1, -2))
-    a = torch.relu(s).masked_fill_(~valid, float("-inf"))
-    return s, torch.softmax(a, dim=-1)
+    neg = s <= 0 if with_relu_mask else None
+    s.clamp_min_(0).add_(bias)  # bias: -inf on invalid keys (a broadcast add beats masked_fill)
+    return torch.softmax(s, dim=-1), neg
 
 
 def _chunk_inputs(ep, vp, ebar, vbar, mask, inter_ok, a, b, acc):
-    """Queries, keys, values and key validity of parts a..b-1 (keys: the part's own M slots,
-    then the P pooled part tokens)."""
+    """Queries, keys, values and the key bias (c, 1, M+P) of parts a..b-1: 0 on valid keys, -inf
+    on padding slots, the part's own token and empty parts (keys: the part's own M slots, then
+    the P pooled part tokens; validity does not depend on the query)."""
     G, P, M, _ = ep.shape
     c = b - a
     eq = ep[:, a:b].to(acc)
     keys = torch.cat([eq, ebar.to(acc)[:, None].expand(G, c, P, ebar.shape[-1])], dim=2)
     vals = torch.cat([vp[:, a:b].to(acc), vbar.to(acc)[:, None].expand(G, c, P, vbar.shape[-1])], dim=2)
-    valid = torch.cat([mask[a:b, None, :].expand(c, M, M), inter_ok[a:b, None, :].expand(c, M, P)], dim=-1)
-    return eq, keys, vals, valid
+    valid = torch.cat([mask[a:b], inter_ok[a:b]], dim=-1)[:, None, :]
+    bias = torch.zeros(valid.shape, dtype=acc, device=eq.device).masked_fill_(~valid, float("-inf"))
+    return eq, keys, vals, bias
 
 
 class _PartitionedAttention(torch.autograd.Function):
@@ -107,8 +112,8 @@ class _PartitionedAttention(torch.autograd.Function):
         rows = mask[:, :, None].to(acc)
         for a in range(0, P, step):
             b = min(P, a + step)
-            eq, keys, vals, valid = _chunk_inputs(ep, vp, ebar, vbar, mask, inter_ok, a, b, acc)
-            _, p = _probs(eq, keys, valid)
+            eq, keys, vals, bias = _chunk_inputs(ep, vp, ebar, vbar, mask, inter_ok, a, b, acc)
+            p, _ = _probs(eq, keys, bias)
             out[:, a:b] = torch.matmul(p, vals).mul_(rows[a:b])
         ctx.save_for_backward(ep, vp, ebar, vbar, mask, inter_ok, out)
         return out
@@ -124,13 +129,13 @@ class _PartitionedAttention(torch.autograd.Function):
         step = _parts_per_chunk(G, M, P, torch.finfo(acc).bits // 8)
         for a in range(0, P, step):
             b = min(P, a + step)
-            eq, keys, vals, valid = _chunk_inputs(ep, vp, ebar, vbar, mask, inter_ok, a, b, acc)
-            s, p = _probs(eq, keys, valid)
+            eq, keys, vals, bias = _chunk_inputs(ep, vp, ebar, vbar, mask, inter_ok, a, b, acc)
+            p, neg = _probs(eq, keys, bias, with_relu_mask=True)
             do = dout[:, a:b].to(acc) * rows[a:b]          # padding rows pass no gradient
             # softmax backward: dS = P ∘ (dO Vᵀ − <dO, O>), then the ReLU mask
             delta = (do * out[:, a:b].to(acc)).sum(-1, keepdim=True)
-            ds = p * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
-            ds.masked_fill_(s <= 0, 0.0)                   # relu'(s) = 0 for s <= 0 (torch convention)
+            ds = torch.matmul(do, vals.transpose(-1, -2)).sub_(delta).mul_(p)
+            ds.masked_fill_(neg, 0.0)                      # relu'(s) = 0 for s <= 0 (torch convention)
             dvals = torch.matmul(p.transpose(-1, -2), do)  # (G, c, M+P, W)
             dkeys = torch.matmul(ds.transpose(-1, -2), eq)  # (G, c, M+P, D)
             # E plays query and (own-part) key: both gradients land in dep
