@@ -35,6 +35,12 @@ class HimNet(nn.Module):
       was trained on; a shorter window would silently give a different forecast). None (the
       default, as the original) accepts any length. :meth:`from_checkpoint` and the trainer
       set it to 12.
+    * ``partition``: a :class:`~himnet_fast.sba.Partition` of the N nodes (from
+      ``himnet_fast.sba.partition_graph``) makes both adaptive graphs (the encoders' and the
+      decoder's per-sample one) partitioned: ``softmax(relu(E Eᵀ))`` inside each part plus
+      pooled inter-part terms (:mod:`himnet_fast.sba.adaptive`, docs/sba.md), O(N·(M+P)) per
+      product instead of O(N²). Torch backend only; not in the ``state_dict``. None (default)
+      is the exact graph of the original.
 
     float64 inputs are cast to the parameters' dtype (numpy data arrive as float64); other
     dtypes must match the parameters (or run under ``torch.autocast``).
@@ -46,8 +52,19 @@ class HimNet(nn.Module):
                  cheb_k=2, ycov_dim=2, tod_embedding_dim=8, dow_embedding_dim=8, node_embedding_dim=16,
                  st_embedding_dim=16, tf_decay_steps=4000, use_teacher_forcing=True, *,
                  backend: Optional[str] = None, dense_graph: Optional[bool] = None, check_inputs: bool = True,
-                 in_steps: Optional[int] = None):
+                 in_steps: Optional[int] = None, partition=None):
         super().__init__()
+        if partition is not None:
+            from ..sba.adaptive import check_partition
+
+            check_partition(partition, num_nodes)
+            if dense_graph:
+                raise ValueError("dense_graph=True cannot be combined with partition= (the partitioned graph "
+                                 "is never materialised)")
+            if _backend.normalize_backend(backend) not in (None, "torch"):
+                raise ValueError(f"partition= has a torch implementation only; backend must be None/'auto' or "
+                                 f"'torch', got {backend!r}")
+        self.partition = partition
         if in_steps is not None and (not isinstance(in_steps, int) or in_steps < 1):
             raise ValueError(f"in_steps must be a positive int or None, got {in_steps!r}")
         self.in_steps = in_steps
@@ -178,7 +195,8 @@ class HimNet(nn.Module):
         self._validate(x, y_cov, labels, batches_seen)
         t_emb = self.time_embedding(x)
 
-        graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend)
+        graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend,
+                              partition=self.partition)
         # (h_s + h_t)[:, -1] of the original, from the encoders' last states directly: no
         # gradient then flows through the stacked (B, T, N, H) outputs.
         _, last_s = self.encoder_s(x, graph, self.node_embedding)
@@ -186,7 +204,8 @@ class HimNet(nn.Module):
         h_last = last_s[-1] + last_t[-1]
 
         st_embedding = self.st_proj(h_last)
-        graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend)
+        graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend,
+                                 partition=self.partition)
         linears = self.decoder.generate(st_embedding)  # once per forward, not per step
 
         ht_list = [h_last] * self.num_layers

@@ -247,15 +247,32 @@ class AdaptiveGraph:
         dense: True materialises A; False streams; None picks dense when the matrix fits
             ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is "torch" or automatic.
         backend: backend for the streamed product (see ``himnet_fast.available_backends``).
+        partition: optional :class:`~himnet_fast.sba.Partition` of the N nodes: the graph is
+            then the partitioned one (``softmax(relu(E Eᵀ))`` inside each part plus pooled
+            inter-part terms, :mod:`himnet_fast.sba.adaptive`), never dense, torch only.
     """
 
+    # Class default: graphs from from_support (and copies made from __dict__) have none.
+    partition = None
+
     def __init__(self, embedding: torch.Tensor, *, dense: Optional[bool] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, partition=None):
         _check_embedding(embedding)
         self.embedding = embedding
         self.per_sample = embedding.dim() == 3
         self.num_nodes = embedding.shape[-2]
         self.backend = backend
+        if partition is not None:
+            from ..sba.adaptive import check_partition
+
+            check_partition(partition, self.num_nodes)
+            if dense:
+                raise ValueError("dense=True cannot be combined with partition= (the partitioned graph is "
+                                 "never materialised); pass dense=None or False")
+            if _backend.normalize_backend(backend) not in (None, "torch"):
+                raise ValueError(f"the partitioned graph (partition=) has a torch implementation only; "
+                                 f"backend must be None/'auto' or 'torch', got {backend!r}")
+            self.partition, dense = partition, False
         if dense is None:
             g = embedding.shape[0] if self.per_sample else 1
             fits = g * self.num_nodes * self.num_nodes * 4 <= dense_budget_bytes()
@@ -309,6 +326,10 @@ class AdaptiveGraph:
                     return _DenseMatmulAcc.apply(self.matrix, v, self.grad_acc)
                 return torch.matmul(cast(self.matrix, dtype), v)
             e = cast(self.embedding, dtype)
+            if self.partition is not None:
+                from ..sba.adaptive import partitioned_adaptive_matmul
+
+                return partitioned_adaptive_matmul(e, v, self.partition)
             _, impl = _backend.resolve("adaptive_matmul", self.backend, v.device, needs_grad(e, v))
             if self.per_sample:
                 return impl.fn(e, v)
