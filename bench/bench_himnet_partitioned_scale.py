@@ -17,8 +17,7 @@ teacher forcing; the step is forward + MAE loss + backward (no optimiser update)
   of about sqrt(N) nodes, which minimises M + P); partitioning time reported separately.
   ``HIMNET_FAST_DENSE_BUDGET_MB=0``: the per-node ("S") meta-weights are streamed from their
   pools at every N rather than built as (N, I, O) below the default 256 MiB budget, so the
-  curve does not change algorithm mid-way (and so the step avoids the sizes where the gate's
-  weights are streamed but the candidate's are built, which HimGCRU's cell does not handle).
+  curve does not change algorithm mid-way.
 * himnet-exact: the default HimNet (exact adaptive graph, torch backend; dense below
   ``$HIMNET_FAST_DENSE_BUDGET_MB``, streamed above), for contrast at small N.
 """
