@@ -48,8 +48,12 @@ class _PoolLinear(torch.autograd.Function):
     the pooled meta-linear as D small GEMMs accumulated in place. Same FLOPs as the Khatri-Rao
     form of ``meta_linear``, but its temporaries are one (B, N, O) product instead of a
     (rows, D*I) block (29 MB per call at PEMS07 B=4): inside a recurrent loop those large
-    short-lived blocks fragment the CPU heap and show up as resident memory. Saves x, q, P;
-    backward recomputes ``x @ P[d]`` one d at a time."""
+    short-lived blocks fragment the CPU heap and show up as resident memory. Saves x, q, P.
+
+    Backward is two GEMMs per d, not three: with ``G_d = dy @ P[d]ᵀ`` (B, N, I),
+    ``dx = sum_d q_d G_d`` and ``dq_d = sum_i x * G_d`` (the same contraction as
+    ``sum_o (x @ P[d]) * dy``, reassociated), so ``x @ P[d]`` is never recomputed; the third
+    GEMM is ``dP[d] = xᵀ (q_d dy)``."""
 
     @staticmethod
     def forward(ctx, x, q, pool):
@@ -73,15 +77,15 @@ class _PoolLinear(torch.autograd.Function):
         dy = dy.to(x.dtype)
         for d in range(pool.shape[0]):
             qd = q[..., d:d + 1]
-            if need_x or need_p:
-                g = dy * qd  # (B, N, O)
+            if need_x or need_q:
+                g = torch.matmul(dy, pool[d].t())  # (B, N, I)
                 if need_x:
-                    dx.add_(torch.matmul(g, pool[d].t()))
-                if need_p:
-                    torch.mm(x2.t(), g.reshape(-1, g.shape[-1]), out=dp[d])
-            if need_q:
-                s = (torch.matmul(x, pool[d]).to(acc) * dy).sum(-1)  # (B, N)
-                dq[..., d] = s if q.dim() == x.dim() else s.sum(0)
+                    dx.addcmul_(g, qd)
+                if need_q:
+                    s = (g.to(acc) * x).sum(-1)  # (B, N)
+                    dq[..., d] = s if q.dim() == x.dim() else s.sum(0)
+            if need_p:
+                torch.mm(x2.t(), (dy * qd).reshape(-1, dy.shape[-1]), out=dp[d])
         return (dx.to(x.dtype) if need_x else None), dq, dp
 
 
