@@ -272,3 +272,28 @@ def test_cpu_heap_release(monkeypatch):
     assert len(calls) == 2 * 2 * 3      # 2 runs x (forward + backward) x 3 recomputed steps
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shared_query", [False, True])
+@pytest.mark.parametrize("block_d", [1, 3, 7])
+def test_pool_linear_over_pool_slices(monkeypatch, shared_query, block_d):
+    """The pooled meta-linear of the CPU recompute, its Khatri-Rao block limited to ``block_d``
+    pool slices (D = 7: one per d, ragged 3+3+1, all at once), against the einsum of its
+    definition: output and the gradients of x, q and the pool; fp64 gradcheck."""
+    cell_mod = __import__("sys").modules["himnet_fast.ops.gcru_cell"]
+    B, N, I, O, D = 2, 5, 3, 4, 7
+    monkeypatch.setattr(cell_mod, "_KR_BLOCK_BYTES", B * N * I * 8 * block_d)
+    assert len(cell_mod._pool_chunks(torch.zeros(B, N, I, dtype=torch.float64), D)) == -(-D // block_d)
+    torch.manual_seed(block_d)
+    x = torch.randn(B, N, I, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(*((N, D) if shared_query else (B, N, D)), dtype=torch.float64, requires_grad=True)
+    pool = torch.randn(D, I, O, dtype=torch.float64, requires_grad=True)
+    y = cell_mod._PoolLinear.apply(x, q, pool)
+    want = torch.einsum("bni," + ("nd" if shared_query else "bnd") + ",dio->bno", x, q, pool)
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, q, pool), dy)
+    ref = torch.autograd.grad(want, (x, q, pool), dy)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+    assert torch.autograd.gradcheck(cell_mod._PoolLinear.apply, (x, q, pool))

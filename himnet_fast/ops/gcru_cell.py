@@ -43,25 +43,46 @@ from .meta_linear import apply_generated
 __all__ = ["gcru_cell"]
 
 
+# Largest Khatri-Rao block (rows, d*I) one GEMM of :class:`_PoolLinear` builds.
+_KR_BLOCK_BYTES = 4 << 20
+
+
+def _pool_chunks(x: torch.Tensor, num_d: int):
+    """Slices of the pool axis whose Khatri-Rao block (rows, len*I) stays within
+    ``_KR_BLOCK_BYTES`` (one d at least)."""
+    rows = max(1, x.numel() // max(1, x.shape[-1]))
+    step = max(1, min(num_d, _KR_BLOCK_BYTES // max(1, rows * x.shape[-1] * x.element_size())))
+    return [slice(d, min(d + step, num_d)) for d in range(0, num_d, step)]
+
+
+def _kr_block(x: torch.Tensor, q: torch.Tensor, sl: slice) -> torch.Tensor:
+    """(B, N, len(sl)*I): ``q[..., d] * x`` for d in ``sl``, d-major (q (B, N, D) or (N, D))."""
+    qs = q[..., sl, None]
+    return (x.unsqueeze(-2) * qs).flatten(-2)
+
+
 class _PoolLinear(torch.autograd.Function):
     """``y = sum_d q[..., d] * (x @ P[d])`` for x (B, N, I), q (B, N, D) or (N, D), P (D, I, O):
-    the pooled meta-linear as D small GEMMs accumulated in place. Same FLOPs as the Khatri-Rao
-    form of ``meta_linear``, but its temporaries are one (B, N, O) product instead of a
-    (rows, D*I) block (29 MB per call at PEMS07 B=4): inside a recurrent loop those large
-    short-lived blocks fragment the CPU heap and show up as resident memory. Saves x, q, P.
+    the pooled meta-linear as a few Khatri-Rao GEMMs accumulated in place, over slices of the
+    pool axis whose (rows, d*I) block stays within ``_KR_BLOCK_BYTES`` (4 MiB). Same FLOPs as
+    the whole Khatri-Rao form of ``meta_linear``, whose one (rows, D*I) block is 29 MB per call
+    at PEMS07 B=4: inside a recurrent loop such large short-lived blocks fragment the CPU heap
+    and show up as resident memory. Small blocks still give narrow inputs (the K*C input rows
+    of a GCRU, I = 6) one GEMM for all D instead of D GEMMs of inner size 6. Saves x, q, P.
 
-    Backward is two GEMMs per d, not three: with ``G_d = dy @ P[d]ᵀ`` (B, N, I),
+    Backward is two GEMMs per slice, not three: with ``G = dy @ P[sl]ᵀ`` (B, N, d, I),
     ``dx = sum_d q_d G_d`` and ``dq_d = sum_i x * G_d`` (the same contraction as
-    ``sum_o (x @ P[d]) * dy``, reassociated), so ``x @ P[d]`` is never recomputed; the third
-    GEMM is ``dP[d] = xᵀ (q_d dy)``."""
+    ``sum_o (x @ P[d]) * dy``, reassociated), so ``x @ P[d]`` is never recomputed; the other
+    GEMM is ``dP[sl] = KR(x, q[sl])ᵀ dy``."""
 
     @staticmethod
     def forward(ctx, x, q, pool):
         # Sums over d accumulate in fp32 (or fp64) even for bf16/fp16 inputs, as one GEMM would.
         acc = torch.promote_types(x.dtype, torch.float32)
-        y = torch.zeros(*x.shape[:-1], pool.shape[-1], dtype=acc, device=x.device)
-        for d in range(pool.shape[0]):
-            y.addcmul_(torch.matmul(x, pool[d]), q[..., d:d + 1])
+        num_d, i, o = pool.shape
+        y = torch.zeros(*x.shape[:-1], o, dtype=acc, device=x.device)
+        for sl in _pool_chunks(x, num_d):
+            y.add_(torch.matmul(_kr_block(x, q, sl), pool[sl].reshape(-1, o)))
         ctx.save_for_backward(x, q, pool)
         return y.to(x.dtype)
 
@@ -70,22 +91,24 @@ class _PoolLinear(torch.autograd.Function):
         x, q, pool = ctx.saved_tensors
         need_x, need_q, need_p = ctx.needs_input_grad
         acc = torch.promote_types(x.dtype, torch.float32)
+        num_d, i, o = pool.shape
         dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
         dq = torch.empty_like(q) if need_q else None
         dp = torch.empty_like(pool) if need_p else None
-        x2 = x.reshape(-1, x.shape[-1])
         dy = dy.to(x.dtype)
-        for d in range(pool.shape[0]):
-            qd = q[..., d:d + 1]
+        dy2 = dy.reshape(-1, o)
+        for sl in _pool_chunks(x, num_d):
+            p2 = pool[sl].reshape(-1, o)  # (d*I, O)
             if need_x or need_q:
-                g = torch.matmul(dy, pool[d].t())  # (B, N, I)
+                g = torch.matmul(dy, p2.t()).unflatten(-1, (-1, i))  # (B, N, d, I)
                 if need_x:
-                    dx.addcmul_(g, qd)
+                    dx.add_(torch.matmul(q[..., sl].unsqueeze(-2).to(g.dtype), g).squeeze(-2))
                 if need_q:
-                    s = (g.to(acc) * x).sum(-1)  # (B, N)
-                    dq[..., d] = s if q.dim() == x.dim() else s.sum(0)
+                    s = (g.to(acc) * x.unsqueeze(-2)).sum(-1)  # (B, N, d)
+                    dq[..., sl] = s if q.dim() == x.dim() else s.sum(0)
             if need_p:
-                torch.mm(x2.t(), (dy * qd).reshape(-1, dy.shape[-1]), out=dp[d])
+                kr = _kr_block(x, q, sl).reshape(-1, p2.shape[0])
+                torch.mm(kr.t(), dy2, out=dp[sl].view(-1, o))
         return (dx.to(x.dtype) if need_x else None), dq, dp
 
 
