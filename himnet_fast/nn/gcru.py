@@ -72,6 +72,8 @@ class HimGCRU(nn.Module):
         thresholds, the gate would stream while the update built its weights.
         """
         gate = self.gate.generate(embeddings)
+        if not isinstance(gate, GeneratedLinear) or gate.axis != "S":
+            return gate, self.update.generate(embeddings)  # one form already ("T", "ST", models' own maps)
         return gate, self.update.generate(embeddings, streamed=gate.streamed)
 
     def _step(self, x, state, graph, gate: GeneratedLinear, update: GeneratedLinear):
