@@ -157,7 +157,7 @@ def test_existing_run_is_not_overwritten(run, tmp_path, capsys):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, capsys, monkeypatch):
-    from himnet_fast.training.trainer import Trainer
+    from himnet_fast.training.loop import Trainer
 
     orig = Trainer.train_batch
     calls = []

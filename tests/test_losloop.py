@@ -111,7 +111,7 @@ def test_residual_output_of_zero_is_the_last_value_forecast():
     """The small preset's model predicts the change from the last input step: a model that
     outputs 0 scores exactly the last-value baseline, and teacher forcing feeds it the true
     changes in the same units."""
-    from himnet_fast.training.trainer import evaluate_model, teacher_labels, to_forecast
+    from himnet_fast.training import evaluate_model, teacher_labels, to_forecast
 
     d = load_dataset()
 

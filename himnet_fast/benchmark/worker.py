@@ -1,7 +1,8 @@
 """One benchmark job in a fresh process: ``python -m himnet_fast.benchmark.worker JOB.json OUT.jsonl``.
 
 A job is one kernel and one provider at one graph size (for the model, one mode). The worker
-builds the inputs, checks agreement with the reference, warms up (torch.compile compiles
+has :func:`.steps.prepare` build the inputs and check agreement with the reference (the same
+preparation the pytest-benchmark suites in ``bench/`` use), warms up (torch.compile compiles
 here), then times ``repeats`` calls with the peak-memory meter reset just before them. Each
 result is appended to OUT.jsonl as soon as it exists, so a process killed later (out of
 memory) still leaves its earlier rows. A fresh process per job keeps the peak resident set of
@@ -17,6 +18,7 @@ import time
 import traceback
 
 from .schema import make_row
+from .steps import short as _short
 
 
 def _set_memory_limit(limit_gb) -> None:
@@ -35,11 +37,6 @@ def is_oom(exc: BaseException) -> bool:
         return True
     msg = str(exc).lower()
     return "can't allocate memory" in msg or "out of memory" in msg or "cannot allocate memory" in msg
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Job:
@@ -122,38 +119,7 @@ class Job:
         return first
 
 
-# --------------------------------------------------------------------------- model job
-
-def _model_pair_error(provider: str, preset, n: int, batch: int, device, mode: str, module=None,
-                      step=None, inputs=None) -> float:
-    """Largest relative error of ``provider`` against the reference (the output, and in train
-    mode every parameter gradient) and the duration of the provider's call in ms (its first:
-    it includes compilation). Builds its own models when ``module`` is None."""
-    from . import providers as P
-
-    if module is None:
-        inputs = P.model_inputs(preset, n, batch, device, seed=1)
-        module = P.build_module(provider, preset, n, device)
-        P.set_mode(module, mode)
-        step = P.model_step(P.maybe_compile(provider, module), list(module.parameters()), inputs, mode)
-    # The same teacher-forcing setting as the provider's model (a "-notf" provider has it off).
-    ref = P.build_module("reference" + (P.NO_TF if provider.endswith(P.NO_TF) else ""), preset, n, device)
-    ref.load_state_dict(module.state_dict())
-    P.set_mode(ref, mode)
-    want = P.model_step(ref, list(ref.parameters()), inputs, mode)()
-    t0 = time.perf_counter()
-    got = step()
-    got_ms = (time.perf_counter() - t0) * 1e3
-    err = P.max_rel_err(got, want)
-    if mode == "train":
-        ref_params = dict(ref.named_parameters())
-        for name, p in module.named_parameters():
-            err = max(err, P.max_rel_err(p.grad, ref_params[name].grad))
-            p.grad = None
-    del ref, want, got
-    gc.collect()
-    return err, got_ms
-
+# --------------------------------------------------------------------------- timing
 
 def memory_breakdown(provider: str, module, inputs, mode: str) -> dict:
     """Where a training step's memory goes, in MiB: parameters, their gradients, the optimizer
@@ -197,139 +163,42 @@ def memory_breakdown(provider: str, module, inputs, mode: str) -> dict:
     return out
 
 
-def run_model(job: Job) -> None:
+def run(job: Job) -> None:
+    """Prepare the job (:func:`.steps.prepare`: inputs, agreement check), then warm up and time
+    each of its modes, one result row per mode; every failure is a row too."""
     from . import providers as P
+    from .steps import Disagreement, PrepareFailed, prepare
 
-    spec, mode = job.spec, job.spec["modes"][0]
-    provider = spec["provider"]
-    inputs = P.model_inputs(job.preset, job.n, job.batch, job.device)
-    module = P.build_module(provider, job.preset, job.n, job.device)
-    P.set_mode(module, mode)
-    params = list(module.parameters())
-    step = P.model_step(P.maybe_compile(provider, module), params, inputs, mode)
-    err, check_n, first_ms = None, None, None
-    if spec.get("check", True) and provider != "reference":
-        stage = "in the agreement check"
-        try:
-            if job.n <= int(spec.get("check_max_nodes", 1024)):
-                check_n = job.n
-                err, first_ms = _model_pair_error(provider, job.preset, job.n, job.batch, job.device, mode,
-                                                  module, step, inputs)
-            else:  # the reference would not fit: check the same code on a smaller graph
-                check_n = int(spec.get("check_nodes", 256))
-                err, _ = _model_pair_error(provider, job.preset, check_n, min(job.batch, 2), job.device, mode)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
-            job.fail(mode, exc, stage)
-            return
-        if not err <= P.tolerance():
-            job.emit(mode=mode, status="error", max_rel_err=err, check_n=check_n,
-                     reason=f"disagrees with the reference: max relative error {err:.3g} > {P.tolerance():g}")
-            return
     try:
-        warm_ms = job.warm(step)
-        # Measured after the timed calls' peak: one more step, outside the peak window.
-        extra = {}
-
-        def breakdown():
-            extra.update(memory_breakdown(provider, module, inputs, mode))
-        job.measure(step, mode, P.model_flops(job.preset, job.n, job.batch, mode), None,
-                    first_ms if first_ms is not None else warm_ms, err, check_n, after=breakdown,
-                    extra=extra)
-    except Exception as exc:  # noqa: BLE001
-        job.fail(mode, exc, "while timing")
-
-
-# --------------------------------------------------------------------------- op job
-
-def run_op(job: Job) -> None:
-    import torch
-
-    from . import providers as P
-
-    spec, provider, what = job.spec, job.spec["provider"], job.spec["what"]
-    case = P.op_case(what, job.preset, job.n, job.batch, job.device)
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in case.inputs.items()}
-    try:
-        fn = P.op_function(provider, what)
-    except Exception as exc:  # noqa: BLE001
-        for mode in spec["modes"]:
-            job.fail(mode, exc, "building the function")
-        return
-
-    def forward():
-        return fn(**leaves)
-
-    err, check_n, first_ms = None, None, None
-    dy = None
-    modes = list(spec["modes"])
-    try:
-        t0 = time.perf_counter()
-        try:
-            out = forward()
-        except NotImplementedError as exc:
-            if provider != "flex" or "backward" not in str(exc):
-                raise
-            # FlexAttention has no backward on CPU: measure its forward without autograd.
-            for k in leaves:
-                leaves[k] = leaves[k].detach()
-            for mode in [m for m in modes if m != "forward"]:
-                job.emit(mode=mode, status="skipped", reason=_short(exc))
-            modes = [m for m in modes if m == "forward"]
-            out = forward()
-        first_ms = (time.perf_counter() - t0) * 1e3
-        dy = torch.randn_like(out)
-        if spec.get("check", True) and provider != "reference":
-            check_n = job.n
-            ref_leaves = {k: v.detach().clone().requires_grad_(True) for k, v in case.inputs.items()}
-            want = P.op_function("reference", what)(**ref_leaves)
-            err = P.max_rel_err(out, want)
-            if out.requires_grad:
-                want.backward(dy)
-                out.backward(dy)
-                for k in leaves:
-                    err = max(err, P.max_rel_err(leaves[k].grad, ref_leaves[k].grad))
-            del want, ref_leaves
-        del out
-    except Exception as exc:  # noqa: BLE001
-        for mode in modes:
-            job.fail(mode, exc, "in the agreement check" if dy is not None else "in the first call")
-        return
-    if err is not None and not err <= P.tolerance():
-        for mode in modes:
-            job.emit(mode=mode, status="error", max_rel_err=err, check_n=check_n,
-                     reason=f"disagrees with the reference: max relative error {err:.3g} > {P.tolerance():g}")
-        return
-
-    def clear():
-        for v in leaves.values():
-            v.grad = None
-
-    for mode in modes:
-        clear()
-        held = None
-        try:
-            if mode == "forward":
-                fn_mode, scale = forward, 1.0
-            elif mode == "backward":
-                held = forward()  # the graph to differentiate; its memory is in the baseline
-
-                def fn_mode():
-                    clear()
-                    held.backward(dy, retain_graph=True)
-                scale = 2.0
-            elif mode == "full":
-                def fn_mode():
-                    clear()
-                    forward().backward(dy)
-                scale = 3.0
+        prepared = prepare(job.spec)
+    except (PrepareFailed, Disagreement) as exc:
+        for mode, reason in exc.skipped.items():
+            job.emit(mode=mode, status="skipped", reason=reason)
+        for mode in exc.modes:
+            if isinstance(exc, PrepareFailed):
+                job.fail(mode, exc.error, exc.during)
             else:
-                raise ValueError(f"mode must be one of {P.OP_MODES} for an op, got {mode!r}")
-            warm = job.warm(fn_mode)
-            job.measure(fn_mode, mode, case.flops * scale, case.bytes * (scale if scale < 3 else 2.0),
-                        first_ms if mode == "forward" else warm, err, check_n)
-        except Exception as exc:  # noqa: BLE001
-            job.fail(mode, exc, f"timing {mode}")
-        del held
+                job.emit(mode=mode, status="error", max_rel_err=exc.err, check_n=exc.check_n, reason=str(exc))
+        return
+    for mode, reason in prepared.skipped.items():
+        job.emit(mode=mode, status="skipped", reason=reason)
+    is_model = prepared.what == P.MODEL
+    for mode in prepared.modes:
+        step = None
+        try:
+            step = prepared.step(mode)
+            warm_ms = job.warm(step.fn)
+            extra = {}
+
+            def breakdown():
+                # Measured after the timed calls' peak: one more step, outside the peak window.
+                extra.update(memory_breakdown(prepared.provider, prepared.module, prepared.inputs, mode))
+            job.measure(step.fn, mode, step.flops, step.nbytes,
+                        step.first_call_ms if step.first_call_ms is not None else warm_ms,
+                        prepared.max_rel_err, prepared.check_n, after=breakdown if is_model else None, extra=extra)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
+            job.fail(mode, exc, "while timing" if is_model else f"timing {mode}")
+        del step
         gc.collect()
 
 
@@ -343,13 +212,8 @@ def main(argv=None) -> int:
     _set_memory_limit(spec.get("memory_limit_gb") if spec.get("device", "cpu") == "cpu" else None)
     job = None
     try:
-        from . import providers as P
-
         job = Job(spec, argv[1])
-        if spec["what"] == P.MODEL:
-            run_model(job)
-        else:
-            run_op(job)
+        run(job)
     except BaseException as exc:  # noqa: BLE001 - the runner turns a missing row into a crash row
         if job is not None and is_oom(exc):
             for mode in spec["modes"]:

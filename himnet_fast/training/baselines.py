@@ -54,7 +54,7 @@ def ha_profile(signal: np.ndarray, tod: np.ndarray) -> np.ndarray:
 def baseline_metrics(data: TrafficData, split: str = "test", *, max_windows: Optional[int] = None) -> Dict[str, dict]:
     """{"last value": metrics, "historical average": metrics} on ``split``'s windows (the first
     ``max_windows`` of them if given), in the format of
-    :func:`~himnet_fast.training.trainer.evaluate_model` (raw units, masked)."""
+    :func:`~himnet_fast.training.loop.evaluate_model` (raw units, masked)."""
     series = data.series
     sig = series[..., 0]
     fit_end = ha_fit_end(data)

@@ -181,14 +181,11 @@ def _resume_path(arg: str) -> str:
 
 
 def _print_comparison(summary, data, architecture: str = "himnet") -> None:
-    from ..data.series import REPORT_STEPS
-    from .baselines import format_comparison
-    from .trainer import model_label
+    from .outputs import comparison_table
 
     print(f"test, masked metrics{' (' + data.extra['units'] + ')' if data.extra.get('units') else ''}; "
           f"baselines on the same windows:")
-    print(format_comparison(summary["test"], summary["baselines"], steps=REPORT_STEPS,
-                            step_minutes=int(data.extra.get("step_minutes", 5)), model_name=model_label(architecture)))
+    print(comparison_table(summary["test"], summary["baselines"], data, architecture))
 
 
 def _set_threads(args, device) -> None:
@@ -215,7 +212,7 @@ def _canonical(name: str) -> str:
 def build_trainer(data, config, **kwargs):
     """The one place the CLI builds a model and its trainer (``config.model`` holds the
     HimNet constructor arguments); a model choice plugs in here."""
-    from .trainer import Trainer
+    from .loop import Trainer
 
     try:
         return Trainer(data, config, **kwargs)
@@ -226,9 +223,8 @@ def build_trainer(data, config, **kwargs):
 def _train(args) -> int:
     import torch
 
-    from ..training.trainer import TrainConfig, Trainer
-
-    from .trainer import TrainingInterrupted
+    from .config import TrainConfig
+    from .loop import Trainer, TrainingInterrupted
 
     device = _init_distributed(args.device)
     _check_backend(args.backend, device)
@@ -269,7 +265,7 @@ def _train(args) -> int:
         os.makedirs(out, exist_ok=True)
         trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
-    from .trainer import model_label
+    from .config import model_label
     sizes = (trainer.config.model if trainer.config.architecture == "himnet"
              else {"hidden_dim": trainer.config.model.get("hidden_dim")})
     log(f"model: {model_label(trainer.config.architecture)}, "
@@ -294,7 +290,9 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from . import checkpoint as ckpt
     from .protocol import format_metrics
-    from .trainer import build_model, evaluate_model, model_label
+    from .config import build_model
+    from .loop import evaluate_model
+    from .outputs import comparison_table
 
     device = _device(args.device)
     _check_backend(args.backend, device)
@@ -339,13 +337,11 @@ def _evaluate(args) -> int:
                              progress=not args.no_progress)
     print(f"{args.split} split, masked metrics (entries with true value 0 ignored):")
     print(format_metrics(metrics))
-    from .baselines import baseline_metrics, format_comparison
-    from ..data.series import REPORT_STEPS
+    from .baselines import baseline_metrics
     n = len(data.splits[args.split]) if not args.limit_batches else min(len(data.splits[args.split]),
                                                                         args.limit_batches * batch)
     print("beside the baselines (same windows):")
-    print(format_comparison(metrics, baseline_metrics(data, args.split, max_windows=n), steps=REPORT_STEPS,
-                            step_minutes=int(data.extra.get("step_minutes", 5)), model_name=model_label(architecture)))
+    print(comparison_table(metrics, baseline_metrics(data, args.split, max_windows=n), data, architecture))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=1)

@@ -29,7 +29,7 @@ def predict_split(model, data: TrafficData, split: str = "test", *, steps: Seque
                   residual: bool = False) -> np.ndarray:
     """Raw-unit forecasts of every window of ``split`` at the horizon ``steps`` (1-based):
     (S, len(steps), N) float32. Window ``i`` forecasts step ``starts[i] + in_steps - 1 + h``."""
-    from .trainer import to_forecast
+    from .protocol import to_forecast
 
     was = model.training
     model.eval()

@@ -1,4 +1,5 @@
-"""The paper's training protocol: per-dataset presets, losses and masked metrics.
+"""The paper's training protocol: per-dataset presets, losses, masked metrics, and the units
+of the model's output (:func:`to_forecast`, :func:`teacher_labels`; residual or not).
 
 Values follow docs/spec.md ("Training protocol of the paper"). The per-dataset sizes and
 optimiser settings have one table, ``himnet_fast.presets.PRESETS`` (shared with the
@@ -46,7 +47,7 @@ SAMPLE_PRESET = dict(PAPER_PRESETS["PEMS08"], hidden_dim=32, tf_decay_steps=40, 
 # train` with no arguments finishes within minutes on a 2-core CPU. Speeds, as METR-LA: masked
 # MAE. A 2-dim day-of-week embedding: the 7-day series has only 5 training days (Thu-Mon), so
 # the test days' (Tue/Wed) rows are never trained; a small one keeps their noise small.
-# residual: the model predicts the change from the last input step (trainer.to_forecast), so
+# residual: the model predicts the change from the last input step (to_forecast below), so
 # minutes of CPU training start from the last-value forecast and improve on it.
 # eps 1e-8 (Adam's default) instead of the paper's 1e-3: the masked-MAE gradients of a model
 # this small are ~1e-4, so eps 1e-3 damps Adam's steps to a fraction of lr. lr 1e-2: in a
@@ -181,3 +182,26 @@ def format_metrics(m: dict) -> str:
     o = m["overall"]
     lines.append(f"{'all':>7} {o['MAE']:9.3f} {o['RMSE']:9.3f} {o['MAPE']:8.2f}")
     return "\n".join(lines)
+
+
+def to_forecast(out: torch.Tensor, x: torch.Tensor, scaler, residual: bool = False) -> torch.Tensor:
+    """Raw-unit forecast (B, T_out, N, 1) from the model's output ``out`` (same shape) and its
+    input ``x`` (B, T_in, N, C) with ``x[..., 0]`` scaled.
+
+    ``residual=False`` (the paper): ``out`` is the scaled signal. ``residual=True`` (the small
+    CPU preset): ``out`` is the change from the last input step in units of the scaler's std,
+    so an untrained model starts from the last-value forecast and a few minutes of training
+    improve on it instead of first having to learn to copy its input.
+    """
+    if not residual:
+        return scaler.inverse_transform(out.float())
+    last = scaler.inverse_transform(x[:, -1, :, :1].float())          # (B, N, 1)
+    return last[:, None] + out.float() * scaler.std
+
+
+def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
+    """What the decoder is fed under teacher forcing: the targets in the model's output units."""
+    if not residual:
+        return batch.labels
+    last = scaler.inverse_transform(batch.x[:, -1, :, :1].float())
+    return (batch.target - last[:, None]) / scaler.std

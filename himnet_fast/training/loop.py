@@ -12,19 +12,19 @@ Resuming: a checkpoint holds the model, optimizer, scheduler, every RNG state an
 counters, including how far into the current epoch training got; the epoch's batch order
 is a function of (seed, epoch). A resumed run therefore continues exactly as the
 uninterrupted one would have (bitwise on CPU; on GPU as far as the kernels are deterministic).
+
+What defines a run (TrainConfig, the model) is in :mod:`.config`; the files and tables a run
+writes are in :mod:`.outputs`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -33,146 +33,10 @@ import torch
 from ..data.sampler import BatchOrder
 from ..data.series import TrafficData
 from . import checkpoint as ckpt
+from . import outputs
 from .baselines import baseline_metrics
-from .protocol import MetricAccumulator, loss_fn, model_kwargs, training_preset
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (stored in checkpoints as a plain dict)."""
-
-    dataset: str = "PEMS08_SAMPLE"
-    data_source: dict = field(default_factory=dict)  # how the data was loaded (load_dataset kwargs)
-    model: dict = field(default_factory=dict)   # HimNet constructor arguments
-    max_epochs: int = 200
-    batch_size: int = 16
-    eval_batch_size: Optional[int] = None       # default: batch_size (as the original)
-    lr: float = 1e-3
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    milestones: List[int] = field(default_factory=list)
-    gamma: float = 0.1
-    clip_grad: float = 5.0
-    patience: int = 20
-    loss: str = "huber"
-    amp: bool = False                           # bf16 autocast for the forward
-    seed: int = 0
-    limit_batches: Optional[int] = None         # per epoch, for train, val and test (smoke runs)
-    save_every: Optional[int] = None            # also write checkpoint.pt every k batches
-    backend: Optional[str] = None
-    residual: bool = False                      # the model predicts the change from the last input step
-    architecture: str = "himnet"                # or a name of himnet_fast.models.MODEL_NAMES
-
-    @classmethod
-    def from_preset(cls, dataset: str, **overrides) -> "TrainConfig":
-        """The paper's settings for ``dataset`` (see protocol.training_preset), then ``overrides``
-        (None values are ignored; model-size keys go into ``model``)."""
-        p = training_preset(dataset)
-        model = model_kwargs(p)
-        cfg = cls(dataset=dataset, model=model, max_epochs=p["max_epochs"], batch_size=p["batch_size"],
-                  lr=p["lr"], eps=p["eps"], weight_decay=p["weight_decay"], milestones=list(p["milestones"]),
-                  gamma=p["gamma"], clip_grad=p["clip_grad"], patience=p["patience"], loss=p["loss"],
-                  residual=bool(p.get("residual", False)))
-        names = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if v is None:
-                continue
-            if k in names:
-                setattr(cfg, k, v)
-            elif k in model:
-                cfg.model[k] = v
-            else:
-                raise TypeError(f"unknown training setting {k!r}")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # plain containers only
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def to_forecast(out: torch.Tensor, x: torch.Tensor, scaler, residual: bool = False) -> torch.Tensor:
-    """Raw-unit forecast (B, T_out, N, 1) from the model's output ``out`` (same shape) and its
-    input ``x`` (B, T_in, N, C) with ``x[..., 0]`` scaled.
-
-    ``residual=False`` (the paper): ``out`` is the scaled signal. ``residual=True`` (the small
-    CPU preset): ``out`` is the change from the last input step in units of the scaler's std,
-    so an untrained model starts from the last-value forecast and a few minutes of training
-    improve on it instead of first having to learn to copy its input.
-    """
-    if not residual:
-        return scaler.inverse_transform(out.float())
-    last = scaler.inverse_transform(x[:, -1, :, :1].float())          # (B, N, 1)
-    return last[:, None] + out.float() * scaler.std
-
-
-def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
-    """What the decoder is fed under teacher forcing: the targets in the model's output units."""
-    if not residual:
-        return batch.labels
-    last = scaler.inverse_transform(batch.x[:, -1, :, :1].float())
-    return (batch.target - last[:, None]) / scaler.std
-
-
-MODEL_LABELS = {"himnet": "HimNet", "agcrn": "AGCRN", "hyperst-lstm-g": "HyperST-LSTM-G",
-                "hyperst-lstm-d": "HyperST-LSTM-D", "hyperst-gcgru": "HyperST-GCGRU", "sba": "SBATransformer"}
-
-
-# The output layer zeroed for a residual run (the others start from their own initialisation,
-# as measured in bench/results/cpu/losloop-models/).
-_ZERO_INIT_OUTPUT = {"himnet": "out_proj", "sba": "head"}
-
-
-def model_label(architecture: str) -> str:
-    """The printed name of a run's model."""
-    return MODEL_LABELS.get(architecture, architecture)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # teacher forcing draws from numpy's global RNG
-    torch.manual_seed(seed)
-
-
-def build_model(model_config: dict, backend: Optional[str] = None, in_steps: Optional[int] = 12,
-                architecture: str = "himnet", data=None):
-    """The model of a run from ``config.model`` (HimNet constructor arguments); it accepts
-    inputs of ``in_steps`` steps only (the windows it is trained on).
-
-    ``architecture`` other than "himnet" builds that model of :mod:`himnet_fast.models` with
-    the run's hidden size and horizon on the signal channel; the HyperST models take their
-    static attributes (coordinates, distances to the 4 nearest neighbours) from ``data``'s
-    graph and sensor coordinates."""
-    if architecture == "himnet":
-        from ..nn.himnet import HimNet
-
-        return HimNet(**model_config, backend=backend, in_steps=in_steps)
-    if architecture == "sba":
-        from ..sba import SBATransformer
-
-        extra = getattr(data, "extra", None) or {}
-        if "adj" not in extra:
-            raise ValueError("--model sba needs the sensors' graph for its partitions and positional "
-                             "encoding (the bundled LOSLOOP data has one; --graph for your own data)")
-        return SBATransformer(model_config["num_nodes"], np.asarray(extra["adj"]), in_steps=in_steps or 12,
-                              out_steps=model_config.get("out_steps", 12), d_model=4 * model_config.get("hidden_dim", 16))
-    from ..models import build_model as build_family, needs_attributes, spatial_attributes
-
-    attributes = None
-    if needs_attributes(architecture):
-        extra = getattr(data, "extra", None) or {}
-        if not all(k in extra for k in ("adj", "lat", "lon")):
-            raise ValueError(f"--model {architecture} needs the sensors' coordinates and road graph (the bundled "
-                             "LOSLOOP data has them); this dataset has "
-                             f"{', '.join(k for k in ('adj', 'lat', 'lon') if k in extra) or 'neither'}")
-        coords = np.stack([np.asarray(extra["lat"], dtype=np.float64), np.asarray(extra["lon"], dtype=np.float64)], 1)
-        attributes = spatial_attributes(coords, np.asarray(extra["adj"], dtype=np.float64))
-    return build_family(architecture, model_config["num_nodes"], attributes=attributes, backend=backend,
-                        input_dim=1, output_dim=model_config.get("output_dim", 1),
-                        horizon=model_config.get("out_steps", 12), hidden_dim=model_config.get("hidden_dim", 64))
+from .config import TrainConfig, build_run_model, seed_everything
+from .protocol import MetricAccumulator, loss_fn, teacher_labels, to_forecast
 
 
 def _dist_info():
@@ -292,14 +156,7 @@ class Trainer:
         config.model["num_nodes"] = data.num_nodes
         seed_everything(config.seed)
         if model is None:
-            model = build_model(config.model, config.backend, data.in_steps, config.architecture, data)
-            out_layer = getattr(model, _ZERO_INIT_OUTPUT.get(config.architecture, ""), None)
-            if config.residual and isinstance(out_layer, torch.nn.Linear):
-                # a zero output layer makes the untrained model exactly the last-value forecast,
-                # so training starts from that baseline instead of from random changes
-                with torch.no_grad():
-                    out_layer.weight.zero_()
-                    out_layer.bias.zero_()
+            model = build_run_model(config, data)
         self.model = model.to(self.device)
         self.net = self.model
         if self.world > 1:
@@ -541,56 +398,18 @@ class Trainer:
 
     def write_metrics(self) -> None:
         path = self._path("metrics.json")
-        if path is None or self.rank != 0:
-            return
-        s = self.summary()
-        s["counters"]["best_val"] = None if math.isinf(s["counters"]["best_val"]) else s["counters"]["best_val"]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(s, f, indent=1, allow_nan=True)
-        os.replace(tmp, path)
+        if path is not None and self.rank == 0:
+            outputs.write_metrics(path, self.summary())
 
     def plot_results(self, n_test: int) -> list:
         """forecast_vs_truth.png and error_by_horizon.png (best model, test part); needs matplotlib."""
         if self.out_dir is None or self.rank != 0 or not getattr(self, "baselines", None):
             return []
-        from . import plots
-        if plots._pyplot() is None:
-            return []  # plot_losses already said that matplotlib is missing
-        steps = [s for s in (3, 12) if s <= self.data.out_steps]
-        pred = plots.predict_split(self.model, self.data, "test", steps=steps, device=self.device,
-                                   batch_size=self.config.eval_batch_size or self.config.batch_size, max_windows=n_test,
-                                   residual=self.config.residual)
-        minutes = int(self.data.extra.get("step_minutes", 5))
-        return [plots.plot_forecasts(pred, self.data, self._path("forecast_vs_truth.png"), steps=steps,
-                                     title=model_label(self.config.architecture)),
-                plots.plot_error_by_horizon(self.test_metrics, self.baselines, self._path("error_by_horizon.png"),
-                                            step_minutes=minutes, dataset=self.data.name,
-                                            title=model_label(self.config.architecture))]
+        return outputs.plot_results(self.out_dir, self.model, self.data, self.config, self.test_metrics,
+                                    self.baselines, n_test, self.device)
 
     def plot_losses(self) -> Optional[str]:
         path = self._path("loss_curve.png")
         if path is None or self.rank != 0 or not self.history:
             return None
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            self.log("matplotlib not installed: no plots (loss curve, forecasts, error by horizon); "
-                     "pip install matplotlib, or the package's [train] extra")
-            return None
-        ep = [h["epoch"] for h in self.history]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(ep, [h["train_loss"] for h in self.history], "-o", label="train")
-        ax.plot(ep, [h["val_loss"] for h in self.history], "-o", label="validation")
-        if self.best_epoch > 0:
-            ax.axvline(self.best_epoch, color="gray", ls=":", label=f"best (epoch {self.best_epoch})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{self.config.loss} loss (raw units)")
-        ax.set_title(f"HimNet on {self.data.name}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return outputs.plot_losses(path, self.history, self.best_epoch, self.config.loss, self.data.name, self.log)
