@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sba_scale import _child_env, _fit, _grid_edges, _linear, _status  # noqa: E402
+from bench_sba_scale import _fit, _grid_edges, _linear, measure_step, run_child  # noqa: E402
 
 DEFAULT_SIZES = [1_000, 4_000, 16_000, 64_000, 256_000, 1_000_000]
 CONFIG = dict(input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=2,
@@ -70,19 +70,7 @@ def _child(method, n):
         model.zero_grad(set_to_none=True)
         (model(x, y_cov, labels, batches_seen=0) - labels).abs().mean().backward()
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")          # reset the peak-RSS high-water mark (VmHWM) to the current RSS
-    base = _status("VmRSS")
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if times[0] > 10:
-            break
-    info.update(step_s=min(times), peak_rss_mb=_status("VmHWM") / 2**20,
-                step_mem_mb=(_status("VmHWM") - base) / 2**20, base_rss_mb=base / 2**20)
-    print("RESULT " + json.dumps(info))
+    measure_step(step, info)
 
 
 def main(argv=None):
@@ -104,18 +92,7 @@ def main(argv=None):
             if method == "himnet-exact" and n > a.max_exact:
                 row["note"] = f"not run (N > --max-exact {a.max_exact})"
             else:
-                t0 = time.perf_counter()
-                try:
-                    p = subprocess.run([sys.executable, __file__, "--child", method, str(n)],
-                                       capture_output=True, text=True, timeout=a.timeout, env=_child_env())
-                    res = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-                    if res:
-                        row.update(json.loads(res[0][7:]))
-                    else:
-                        row["note"] = "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1][:120]
-                except subprocess.TimeoutExpired:
-                    row["note"] = f"timed out (> {a.timeout:.0f} s)"
-                row["wall_s"] = time.perf_counter() - t0
+                run_child(row, [__file__, "--child", method, str(n)], a.timeout)
             print(json.dumps(row), flush=True)
             rows.append(row)
     _write(rows, a.methods, Path(a.out), " ".join(argv if argv is not None else sys.argv[1:]))

@@ -47,10 +47,29 @@ def _grid_edges(n):
     import numpy as np
     w = int(math.ceil(math.sqrt(n)))
     idx = np.arange(n)
-    r, c = idx // w, idx % w
+    c = idx % w
     right = idx[(c + 1 < w) & (idx + 1 < n)]
     down = idx[idx + w < n]
     return np.concatenate([np.stack([right, right + 1]), np.stack([down, down + w])], 1)
+
+
+def measure_step(step, info):
+    """Time ``step`` (the faster of two calls; one when the first took over 10 s) and its peak
+    resident memory above what was resident before it; print ``info`` with the results as the
+    child's RESULT line."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")          # reset the peak-RSS high-water mark (VmHWM) to the current RSS
+    base = _status("VmRSS")
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        if times[0] > 10:
+            break
+    info.update(step_s=min(times), peak_rss_mb=_status("VmHWM") / 2**20,
+                step_mem_mb=(_status("VmHWM") - base) / 2**20, base_rss_mb=base / 2**20)
+    print("RESULT " + json.dumps(info))
 
 
 def _child(method, n, part_size):
@@ -84,19 +103,24 @@ def _child(method, n, part_size):
 
         def step():
             blk(x).sum().backward()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")          # reset the peak-RSS high-water mark (VmHWM) to the current RSS
-    base = _status("VmRSS")
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if times[0] > 10:
-            break
-    info.update(step_s=min(times), peak_rss_mb=_status("VmHWM") / 2**20,
-                step_mem_mb=(_status("VmHWM") - base) / 2**20, base_rss_mb=base / 2**20)
-    print("RESULT " + json.dumps(info))
+    measure_step(step, info)
+
+
+def run_child(row, args, timeout):
+    """Run ``python args...`` (one measurement in a fresh process) and merge its RESULT line, or
+    a note saying why there is none, and its wall time into ``row``."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                           env=_child_env())
+        res = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if res:
+            row.update(json.loads(res[0][7:]))
+        else:
+            row["note"] = "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1][:120]
+    except subprocess.TimeoutExpired:
+        row["note"] = f"timed out (> {timeout:.0f} s)"
+    row["wall_s"] = time.perf_counter() - t0
 
 
 def _child_env():
@@ -154,19 +178,8 @@ def main(argv=None):
             elif method == "dense" and 3 * 4 * n * n > DENSE_MAX_BYTES:
                 row["note"] = f"not run: ~{3 * 4 * n * n / 2**30:.0f} GiB of N x N buffers"
             else:
-                t0 = time.perf_counter()
-                try:
-                    p = subprocess.run([sys.executable, __file__, "--part-size", str(a.part_size),
-                                        "--child", method, str(n)], capture_output=True, text=True,
-                                       timeout=a.timeout, env=_child_env())
-                    res = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-                    if res:
-                        row.update(json.loads(res[0][7:]))
-                    else:
-                        row["note"] = "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1][:120]
-                except subprocess.TimeoutExpired:
-                    row["note"] = f"timed out (> {a.timeout:.0f} s)"
-                row["wall_s"] = time.perf_counter() - t0
+                run_child(row, [__file__, "--part-size", str(a.part_size), "--child", method, str(n)],
+                          a.timeout)
             print(json.dumps(row), flush=True)
             rows.append(row)
     _write(rows, a.methods, Path(a.out), " ".join(argv if argv is not None else sys.argv[1:]))

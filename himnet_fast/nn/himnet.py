@@ -55,15 +55,9 @@ class HimNet(nn.Module):
                  in_steps: Optional[int] = None, partition=None):
         super().__init__()
         if partition is not None:
-            from ..sba.adaptive import check_partition
+            from ..sba.adaptive import check_partition_options
 
-            check_partition(partition, num_nodes)
-            if dense_graph:
-                raise ValueError("dense_graph=True cannot be combined with partition= (the partitioned graph "
-                                 "is never materialised)")
-            if _backend.normalize_backend(backend) not in (None, "torch"):
-                raise ValueError(f"partition= has a torch implementation only; backend must be None/'auto' or "
-                                 f"'torch', got {backend!r}")
+            check_partition_options(partition, num_nodes, dense_graph, backend, "dense_graph")
         self.partition = partition
         if in_steps is not None and (not isinstance(in_steps, int) or in_steps < 1):
             raise ValueError(f"in_steps must be a positive int or None, got {in_steps!r}")

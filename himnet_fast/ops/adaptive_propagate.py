@@ -263,16 +263,10 @@ class AdaptiveGraph:
         self.num_nodes = embedding.shape[-2]
         self.backend = backend
         if partition is not None:
-            from ..sba.adaptive import check_partition
+            from ..sba.adaptive import check_partition_options
 
-            check_partition(partition, self.num_nodes)
-            if dense:
-                raise ValueError("dense=True cannot be combined with partition= (the partitioned graph is "
-                                 "never materialised); pass dense=None or False")
-            if _backend.normalize_backend(backend) not in (None, "torch"):
-                raise ValueError(f"the partitioned graph (partition=) has a torch implementation only; "
-                                 f"backend must be None/'auto' or 'torch', got {backend!r}")
-            self.partition, dense = partition, False
+            self.partition = check_partition_options(partition, self.num_nodes, dense, backend)
+            dense = False
         if dense is None:
             g = embedding.shape[0] if self.per_sample else 1
             fits = g * self.num_nodes * self.num_nodes * 4 <= dense_budget_bytes()

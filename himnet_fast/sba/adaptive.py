@@ -21,7 +21,6 @@ ever exist at once; saved state is O(N·(D+W)).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -45,6 +44,22 @@ def check_partition(partition, num_nodes: int, name: str = "partition") -> Parti
     if partition.num_nodes != num_nodes:
         raise ValueError(f"{name} covers {partition.num_nodes} nodes, expected N={num_nodes} "
                          f"(the embedding's node count)")
+    return partition
+
+
+def check_partition_options(partition, num_nodes: int, dense, backend, dense_name: str = "dense") -> Partition:
+    """:func:`check_partition`, and the options a partitioned graph cannot take: a dense matrix
+    (``dense_name`` True; the partitioned graph is never materialised) or a backend other than
+    torch (its only implementation)."""
+    from .. import _backend
+
+    check_partition(partition, num_nodes)
+    if dense:
+        raise ValueError(f"{dense_name}=True cannot be combined with partition= (the partitioned graph is "
+                         f"never materialised); pass {dense_name}=None or False")
+    if _backend.normalize_backend(backend) not in (None, "torch"):
+        raise ValueError(f"the partitioned graph (partition=) has a torch implementation only; "
+                         f"backend must be None/'auto' or 'torch', got {backend!r}")
     return partition
 
 
