@@ -129,3 +129,26 @@ def release_cpu_heap(device: torch.device) -> bool:
         return False
     trim(0)
     return True
+
+
+class GradSink(torch.autograd.Function):
+    """Identity on a tensor whose backward returns the gradient that other ops accumulated in
+    ``acc.buf`` in place (plus any gradient reaching the identity itself), then clears it.
+
+    Used where many ops share one large input (a per-node weight across the steps of a
+    sequence, a dense graph across its products) and each adds its part of the gradient into
+    one buffer instead of returning a tensor of the input's size: autograd runs this backward
+    after every consumer of its output, so the sum is complete and handed on once."""
+
+    @staticmethod
+    def forward(ctx, t, acc):
+        ctx.acc = acc
+        ctx.set_materialize_grads(False)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        buf, ctx.acc.buf = ctx.acc.buf, None
+        if g is not None:
+            buf = g if buf is None else buf.add_(g)
+        return buf, None

@@ -21,7 +21,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._checks import check_cheb_k, check_same_device, check_tensor
-from ._common import cast, compute_dtype, dense_budget_bytes, needs_grad, no_autocast, rows_per_chunk
+from ._common import (GradSink, cast, compute_dtype, dense_budget_bytes, needs_grad, no_autocast,
+                      rows_per_chunk)
 
 __all__ = ["adaptive_graph", "adaptive_matmul", "adaptive_propagate", "AdaptiveGraph"]
 
@@ -89,7 +90,7 @@ class GraphGradAccumulator:
     step and cell; autograd gives each product its own (B, N, N) gradient and then adds it to
     the running sum (two such tensors live at once, more inside a recomputed step). With this
     buffer each product's backward adds ``dY Vᵀ`` into it in place (``_DenseMatmulAcc``) and
-    hands no gradient to the matrix; ``_GradSinkGraph`` passes the sum on once, after the
+    hands no gradient to the matrix; ``GradSink`` passes the sum on once, after the
     last product's backward (autograd runs it after every consumer of its output)."""
 
     __slots__ = ("buf",)
@@ -112,23 +113,6 @@ class GraphGradAccumulator:
             self.buf = torch.bmm(dy, v.transpose(1, 2))
         else:
             self.buf.baddbmm_(dy, v.transpose(1, 2))
-
-
-class _GradSinkGraph(torch.autograd.Function):
-    """Identity on the matrix; its backward returns what the products accumulated."""
-
-    @staticmethod
-    def forward(ctx, a, acc):
-        ctx.acc = acc
-        ctx.set_materialize_grads(False)
-        return a.view_as(a)
-
-    @staticmethod
-    def backward(ctx, g):
-        buf, ctx.acc.buf = ctx.acc.buf, None
-        if g is not None:
-            buf = g if buf is None else buf.add_(g)
-        return buf, None
 
 
 class _DenseMatmulAcc(torch.autograd.Function):
@@ -280,7 +264,7 @@ class AdaptiveGraph:
         self.grad_acc = None
         if self.dense and needs_grad(self.matrix):
             self.grad_acc = GraphGradAccumulator()
-            self.matrix = _GradSinkGraph.apply(self.matrix, self.grad_acc)
+            self.matrix = GradSink.apply(self.matrix, self.grad_acc)
 
     @classmethod
     def from_support(cls, support: torch.Tensor) -> "AdaptiveGraph":

@@ -35,7 +35,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
-from ._common import autocast_dtype, cast, compute_dtype, needs_grad, no_autocast, release_cpu_heap
+from ._common import (GradSink, autocast_dtype, cast, compute_dtype, needs_grad, no_autocast,
+                      release_cpu_heap)
 from .adaptive_propagate import AdaptiveGraph
 from .gcru import gcru_gate, gcru_update
 from .meta_linear import apply_generated
@@ -127,27 +128,10 @@ class NodeWeightGrad:
         self.buf = None
 
 
-class _GradSink(torch.autograd.Function):
-    """Identity on the weight; its backward returns what the steps accumulated."""
-
-    @staticmethod
-    def forward(ctx, w, acc):
-        ctx.acc = acc
-        ctx.set_materialize_grads(False)
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g):
-        buf, ctx.acc.buf = ctx.acc.buf, None
-        if g is not None:
-            buf = g if buf is None else buf.add_(g)
-        return buf, None
-
-
 def sink_node_weight(w: torch.Tensor):
     """(w for the steps, its accumulator): see :class:`NodeWeightGrad`."""
     acc = NodeWeightGrad()
-    return _GradSink.apply(w, acc), acc
+    return GradSink.apply(w, acc), acc
 
 
 class _NodeLinearAcc(torch.autograd.Function):
