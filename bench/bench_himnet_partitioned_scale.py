@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sba_scale import _fit, _grid_edges, _linear, measure_step, run_child  # noqa: E402
+from bench_sba_scale import _fit, _grid_edges, _linear, measure_step, run_child, write_csv  # noqa: E402
 
 DEFAULT_SIZES = [1_000, 4_000, 16_000, 64_000, 256_000, 1_000_000]
 CONFIG = dict(input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=2,
@@ -109,14 +109,7 @@ def _commit():
 def _write(rows, methods, out, command):
     import torch
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "N", "step_s", "step_mem_mb", "peak_rss_mb", "base_rss_mb", "parts", "M",
-            "partition_s", "wall_s", "note"]
-    with open(out / "himnet_partitioned_scale_cpu.csv", "w") as f:
-        f.write(",".join(cols) + "\n")
-        for r in rows:
-            f.write(",".join(("" if r.get(c) is None else
-                              (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r[c])).replace(",", ";"))
-                             for c in cols) + "\n")
+    write_csv(rows, out / "himnet_partitioned_scale_cpu.csv")
     cfg = ", ".join(f"{k}={v}" for k, v in CONFIG.items())
     with open(out / "himnet_partitioned_scale_cpu.md", "w") as f:
         f.write("# One HimNet training step against N, partitioned adaptive graph (CPU, 1 thread)\n\n")

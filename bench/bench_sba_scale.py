@@ -195,16 +195,21 @@ def _linear(rows, n_min=16_000):
     return float(a), float(b * 1000)
 
 
-def _write(rows, methods, out, command):
-    out.mkdir(parents=True, exist_ok=True)
+def write_csv(rows, path):
+    """The measured rows as CSV (floats to 4 significant digits, missing values empty)."""
     cols = ["method", "N", "step_s", "step_mem_mb", "peak_rss_mb", "base_rss_mb", "parts", "M",
             "partition_s", "wall_s", "note"]
-    with open(out / "sba_scale_cpu.csv", "w") as f:
+    with open(path, "w") as f:
         f.write(",".join(cols) + "\n")
         for r in rows:
             f.write(",".join(("" if r.get(c) is None else
                               (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r[c])).replace(",", ";"))
                              for c in cols) + "\n")
+
+
+def _write(rows, methods, out, command):
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "sba_scale_cpu.csv")
     exps = {m: (_fit([r for r in rows if r["method"] == m]),
                 _fit([r for r in rows if r["method"] == m], 16_000),
                 _fit([r for r in rows if r["method"] == m], 64_000)) for m in methods}
