@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sba_scale import _fit, _grid_edges, _linear, measure_step, run_child, write_csv  # noqa: E402
+from bench_sba_scale import _fit, _grid_edges, _linear, measure_step, run_child, write_csv, write_md_table  # noqa: E402
 
 DEFAULT_SIZES = [1_000, 4_000, 16_000, 64_000, 256_000, 1_000_000]
 CONFIG = dict(input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=2,
@@ -118,13 +118,7 @@ def _write(rows, methods, out, command):
         f.write(f"Configuration: B=1, in_steps={IN_STEPS}, {cfg}, fp32, training mode (teacher forcing), "
                 "forward + MAE loss + backward; himnet-partitioned with HIMNET_FAST_DENSE_BUDGET_MB=0 "
                 "(per-node weights streamed at every N), parts of about sqrt(N) nodes.\n\n")
-        f.write("| method | N | step (s) | step memory (MiB) | peak RSS (MiB) | parts x M | partition (s) | note |\n")
-        f.write("|---|---:|---:|---:|---:|---|---:|---|\n")
-        for r in rows:
-            g = lambda c, fmt: (fmt.format(r[c]) if c in r else "")
-            pm = f"{r['parts']} x {r['M']}" if "parts" in r else ""
-            f.write(f"| {r['method']} | {r['N']} | {g('step_s', '{:.3g}')} | {g('step_mem_mb', '{:.1f}')} | "
-                    f"{g('peak_rss_mb', '{:.0f}')} | {pm} | {g('partition_s', '{:.2f}')} | {r.get('note', '')} |\n")
+        write_md_table(f, rows)
         f.write("\nFitted exponent of step memory against N (log-log slope; nan = fewer than two sizes ran) "
                 "and an affine fit memory = a + b N over N >= 16,000:\n\n")
         for m in methods:

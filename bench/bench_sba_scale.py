@@ -207,6 +207,17 @@ def write_csv(rows, path):
                              for c in cols) + "\n")
 
 
+def write_md_table(f, rows):
+    """The measured rows as a markdown table into the open file ``f``."""
+    f.write("| method | N | step (s) | step memory (MiB) | peak RSS (MiB) | parts x M | partition (s) | note |\n")
+    f.write("|---|---:|---:|---:|---:|---|---:|---|\n")
+    for r in rows:
+        g = lambda c, fmt: (fmt.format(r[c]) if c in r else "")
+        pm = f"{r['parts']} x {r['M']}" if "parts" in r else ""
+        f.write(f"| {r['method']} | {r['N']} | {g('step_s', '{:.3g}')} | {g('step_mem_mb', '{:.1f}')} | "
+                f"{g('peak_rss_mb', '{:.0f}')} | {pm} | {g('partition_s', '{:.2f}')} | {r.get('note', '')} |\n")
+
+
 def _write(rows, methods, out, command):
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sba_scale_cpu.csv")
@@ -216,13 +227,7 @@ def _write(rows, methods, out, command):
     with open(out / "sba_scale_cpu.md", "w") as f:
         f.write("# One training step against N (CPU, 1 thread, B=1, d=32, fp32)\n\n")
         f.write("Command: `python bench/bench_sba_scale.py " + command + "`\n\n")
-        f.write("| method | N | step (s) | step memory (MiB) | peak RSS (MiB) | parts x M | partition (s) | note |\n")
-        f.write("|---|---:|---:|---:|---:|---|---:|---|\n")
-        for r in rows:
-            g = lambda c, fmt: (fmt.format(r[c]) if c in r else "")
-            pm = f"{r['parts']} x {r['M']}" if "parts" in r else ""
-            f.write(f"| {r['method']} | {r['N']} | {g('step_s', '{:.3g}')} | {g('step_mem_mb', '{:.1f}')} | "
-                    f"{g('peak_rss_mb', '{:.0f}')} | {pm} | {g('partition_s', '{:.2f}')} | {r.get('note', '')} |\n")
+        write_md_table(f, rows)
         f.write("\nFitted exponent of step memory against N (log-log slope over the sizes that ran; "
                 "small sizes are dominated by fixed allocations (chunk buffers, allocator), so "
                 "slopes over N >= 16,000 and N >= 64,000 are also given; nan = fewer than two "
