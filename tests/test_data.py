@@ -10,7 +10,8 @@ from himnet_fast.data import (BatchOrder, StandardScaler, load_dataset, load_him
 from himnet_fast.data.series import DATASET_INFO, canonical_name, from_signal, index_to_starts
 from himnet_fast.datasets import SAMPLE_PATH, load_pems08_sample, pems08_sample_flow
 
-SHARED = "/work/shared/data"
+# Small copies of real benchmark files (tests/fixtures/README.md says where each comes from).
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def _series(T=80, N=5, seed=0, start="2016-07-01 00:00"):
@@ -24,10 +25,7 @@ def _series(T=80, N=5, seed=0, start="2016-07-01 00:00"):
 
 @pytest.mark.parametrize("name", ["PEMS04", "PEMS07", "PEMS08", "METRLA", "PEMSBAY"])
 def test_split_windows_reproduces_himnet_index_files(name):
-    path = os.path.join(SHARED, name, "index.npz")
-    if not os.path.isfile(path):
-        pytest.skip("shared index files not available")
-    index = np.load(path)
+    index = np.load(os.path.join(FIXTURES, "himnet_index", f"{name}.npz"))
     info = DATASET_INFO[name]
     starts = split_windows(info["num_steps"], info["split"])
     for s in ("train", "val", "test"):
@@ -160,9 +158,11 @@ def test_bundled_sample_is_the_real_pems08_prefix():
     assert os.path.getsize(SAMPLE_PATH) < 1_000_000
     flow = pems08_sample_flow()
     assert flow.shape == (1282, 170) and flow.dtype == np.float32
-    src = os.path.join(SHARED, "PEMS08", "partial", "PEMS08_first1282steps.npz")
-    if os.path.isfile(src):
-        np.testing.assert_array_equal(flow, np.load(src)["data"][..., 0].astype(np.float32))
+    # Every step of every 17th sensor of the recovered source, flow channel: catches a wrong
+    # channel, a shifted step or a reordered sensor in the bundled copy.
+    src = np.load(os.path.join(FIXTURES, "pems08_first1282steps_flow_every17th_sensor.npz"))
+    assert src["flow"].shape == (1282, 10)
+    np.testing.assert_array_equal(flow[:, src["nodes"]], src["flow"].astype(np.float32))
     d = load_pems08_sample()
     assert d.name == "PEMS08_SAMPLE" and d.num_nodes == 170
     assert [len(d.splits[k]) for k in ("train", "val", "test")] == [755, 252, 252]
