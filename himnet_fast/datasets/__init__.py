@@ -11,9 +11,9 @@ timestamps: the start time comes from the dataset's description.
 ``pems08_sample.npz``: the first 1,282 five-minute steps (2016-07-01 00:00 to 2016-07-05
 10:45) of the PEMS08 benchmark, 170 sensors, **real Caltrans PeMS values** of the flow
 channel (vehicles per 5 minutes, integers 0..865, stored exactly as uint16; 0.4% zeros).
-Recovered from a truncated public copy of ``PEMS08.npz`` (see the data README of
-the project; ``_build_sample.py`` rebuilds the file). It is not the full benchmark: numbers
-trained on it are not comparable with the paper's. Time features are derived from the start
+Recovered from a public copy of ``PEMS08.npz`` cut off after 1.3 MB (sqOsias/ASTGCN-2
+``data/PEMS08/pems08.npz``; ``_build_sample.py`` rebuilds the file). It is not the full
+benchmark: numbers trained on it are not comparable with the paper's. Time features are derived from the start
 time; the windows are split chronologically 6:2:2 (755 / 252 / 252 windows).
 """
 from __future__ import annotations
