@@ -217,12 +217,3 @@ def _bar_plot(plt, g, kernel: str, mode: str, out_dir: str, stem: str) -> str:
     plt.close(fig)
     return path
 
-
-def rerender(csv_path: str, command: str = "") -> List[str]:
-    """Rewrite the markdown table and the plots of a results CSV (e.g. after merging runs)."""
-    import pandas as pd
-
-    df = pd.read_csv(csv_path, keep_default_na=True)
-    stem = os.path.splitext(os.path.basename(csv_path))[0]
-    out = os.path.dirname(csv_path) or "."
-    return [write_markdown(df, os.path.join(out, stem + ".md"), command=command)] + write_plots(df, out, stem)
