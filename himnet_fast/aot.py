@@ -56,8 +56,8 @@ class Config:
 
 
 def full_grid() -> List[Config]:
-    """The issue's grid: fp32/TF32/bf16 x N in {883, 100000} x hidden {64, 96} x D {2, 10, 16, 32}
-    x cheb_k {2, 3}, B = 16 (96 configurations)."""
+    """``--grid full``: fp32/TF32/bf16 x N in {883, 100000} x hidden {64, 96} x D {2, 10, 16, 32}
+    x cheb_k {2, 3}, B = 16 (96 configurations; D is the width of every embedding)."""
     return [Config(p, n, 16, h, d, k) for p, n, h, d, k in
             itertools.product(PRECISIONS, (883, 100_000), (64, 96), (2, 10, 16, 32), (2, 3))]
 

@@ -44,7 +44,8 @@ def assert_same_grads(ref, fast, tol=1e-4):
             assert _rel(p.grad, r) < tol, (name, _rel(p.grad, r))
 
 
-# The grid: B in {1, 3}, N in {1, 2, 37}, cheb_k in {2, 3}, num_layers in {1, 2}.
+# Small sizes against the reference, edge cases included (one sample; one or two nodes):
+# B in {1, 3}, N in {1, 2, 37}, cheb_k in {2, 3}, num_layers in {1, 2}.
 GRID = list(itertools.product([1, 3], [1, 2, 37], [2, 3], [1, 2]))
 
 
