@@ -1,5 +1,5 @@
 """Peak memory and time of one HimNet training step against N with the partitioned adaptive
-graph (``HimNet(partition=...)``, himnet_fast.sba.adaptive), up to N = 1,000,000.
+graph (``HimNet(partition=...)``, himnet_fast.ops.partitioned_adaptive), up to N = 1,000,000.
 
 The companion of ``bench_sba_scale.py`` (same measurement: each (method, N) in its own
 subprocess, step memory = ``VmHWM - VmRSS`` after resetting the high-water mark, the faster of
@@ -46,7 +46,7 @@ def _child(method, n):
     import torch
 
     import himnet_fast as hf
-    from himnet_fast.sba.partition import partition_graph
+    from himnet_fast.partition import partition_graph
     torch.set_num_threads(1)
     torch.manual_seed(0)
     np.random.seed(0)

@@ -15,7 +15,7 @@ Methods, one layer each, B=1, d=32 features, fp32, CPU:
 * dense:    x -> q, k, v (linear) -> softmax(q kᵀ/√d) v over all N nodes (an N x N matrix).
 * adaptive: himnet_fast.ops.adaptive_propagate(x, E, cheb_k=2, backend="torch", dense=False),
             E: (N, 16); the exact softmax(relu(E Eᵀ)) product streamed in row chunks.
-* sba:      one SBA block (himnet_fast.sba.model.SBABlock): intra-part + inter-part attention,
+* sba:      one SBA block (himnet_fast.models.sba.SBABlock): intra-part + inter-part attention,
             residual, layer norm, feed-forward, over a METIS partition of a 2-D grid graph
             into parts of about 64 nodes (partitioning time reported separately).
 """
@@ -93,8 +93,8 @@ def _child(method, n, part_size):
         def step():
             adaptive_propagate(x, e, 2, backend="torch", dense=False).sum().backward()
     else:
-        from himnet_fast.sba.model import SBABlock
-        from himnet_fast.sba.partition import partition_graph
+        from himnet_fast.models.sba import SBABlock
+        from himnet_fast.partition import partition_graph
         t0 = time.perf_counter()
         part = partition_graph(max(1, n // part_size), edge_index=_grid_edges(n), num_nodes=n)
         info.update(partition_s=time.perf_counter() - t0, parts=part.num_parts, M=part.max_size)

@@ -1,14 +1,17 @@
-"""Backend registry and selection.
+"""Backend registry and selection: the one dispatch mechanism of every op.
 
-Every op (``meta_linear``, ``adaptive_matmul``, ``gcru_gate``, ``gcru_update``) has one
-implementation per backend. A backend registers itself with :func:`register`; the op asks
-:func:`resolve` which one to run for the tensors at hand.
+Each op module (``himnet_fast/ops/<op>.py``) registers, next to its code, one implementation
+per backend that can run it: ``register(op, backend, forward, backward, check=...)``. Its
+PyTorch custom op takes the backend's *name* as an argument and runs :func:`impl` of it, so
+the choice is made once, in Python, where the op is called (:func:`resolve`), and the
+registered op itself is a plain function of tensors that ``torch.compile`` and CUDA graphs
+treat like any other.
 
-Rules (docs/design.md, "Public contract"):
+Rules (docs/design.md, "Backends"):
 
 * ``backend=None`` or ``"auto"`` uses ``$HIMNET_FAST_BACKEND`` if set, otherwise the backend
   that measured fastest for the op on the tensors' device (:data:`AUTO_ORDER`; the evidence is
-  in ``bench/results/gpu-h100/``).
+  in ``bench/results/``).
 * An explicit backend that cannot run raises :class:`BackendUnavailableError` naming why.
 * A backend without a backward for an op that needs gradients hands over to the next one
   that has it, with one warning per (op, backend) pair.
@@ -26,8 +29,8 @@ BACKENDS = ("torch", "triton", "cuda")
 # Automatic choice on CUDA, per op, by measurement only (bench/results/gpu-h100/, one H100,
 # PEMS07 preset, each provider in its own process):
 # * torch first for everything measured at N = 883, B = 16: the training step (91 ms against
-#   281 ms for triton and 294 ms for cuda), inference (28 ms; cuda 40, triton 56), and each op
-#   forward and backward (meta_linear "ST" 1.8 ms vs 3.1, adaptive propagation 0.7 ms vs 4.8).
+#   281 ms for triton and 294 ms for cuda), inference (28 ms; cuda 40, triton 56), and each
+#   op forward and backward (meta_linear "ST" 1.8 ms vs 3.1, adaptive propagation 0.7 ms vs 4.8).
 #   The cuda kernels are FMA-only (no tensor cores) and never measured fastest.
 # * triton first for the streamed adaptive product (graphs above HIMNET_FAST_DENSE_BUDGET_MB,
 #   which only that path reaches): a training step at N = 20,000, B = 1 took 2.58 s with it
@@ -45,38 +48,48 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run for the given tensors."""
 
 
+def _always(device: torch.device) -> Optional[str]:
+    return None
+
+
 @dataclass(frozen=True)
 class Impl:
     """One backend's implementation of one op.
 
-    ``fn`` takes the op's validated arguments. ``has_backward`` says whether gradients flow
-    through it. ``check`` returns None when the backend can run on ``device``, else a reason.
+    ``forward`` and ``backward`` take the op's validated arguments (the op module documents
+    them); ``backward`` is None for a forward-only (inference) implementation. ``check``
+    returns None when the backend can run on ``device``, else the reason it cannot.
     """
 
-    fn: Callable
-    has_backward: bool
+    forward: Callable
+    backward: Optional[Callable]
     check: Callable[[torch.device], Optional[str]]
+
+    @property
+    def has_backward(self) -> bool:
+        return self.backward is not None
 
 
 _REGISTRY: Dict[Tuple[str, str], Impl] = {}
 _WARNED: set = set()
 
 
-def register(op: str, backend: str, fn: Callable, *, has_backward: bool = True,
+def register(op: str, backend: str, forward: Callable, backward: Optional[Callable] = None, *,
              check: Optional[Callable[[torch.device], Optional[str]]] = None) -> None:
+    """Register ``backend``'s implementation of ``op`` (called by the op's own module)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY[(op, backend)] = Impl(fn, has_backward, check or (lambda device: None))
+    _REGISTRY[(op, backend)] = Impl(forward, backward, check or _always)
 
 
-def _ensure_loaded() -> None:
-    # Optional backends register themselves on import; importing here (not at package import)
-    # keeps `import himnet_fast` fast and free of Triton/CUDA start-up costs.
-    from . import _optional_backends  # noqa: F401
+def impl(op: str, backend: str) -> Impl:
+    """The registered implementation (no availability check: :func:`resolve` made it)."""
+    return _REGISTRY[(op, backend)]
 
 
 def normalize_backend(backend: Optional[str]) -> Optional[str]:
-    """Map None/"auto"/env var to a concrete name or None (automatic)."""
+    """Map None/"auto"/the environment variable to a concrete backend name, or None
+    (automatic). Raises ValueError for an unknown name, TypeError for a non-string."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
@@ -94,37 +107,38 @@ def normalize_backend(backend: Optional[str]) -> Optional[str]:
     return name
 
 
+def check_backend_arg(backend: Optional[str]) -> Optional[str]:
+    """A module's ``backend=`` argument, checked when the module is built (so a typo fails there,
+    not at the first forward): its normalised name, or None (automatic: ``$HIMNET_FAST_BACKEND``
+    is then read when the ops run)."""
+    return None if backend is None else normalize_backend(backend)
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
-    _ensure_loaded()
-    impl = _REGISTRY.get((op, backend))
-    if impl is None:
+    impl_ = _REGISTRY.get((op, backend))
+    if impl_ is None:
         return f"backend {backend!r} does not implement {op} (is it installed? see `himnet-fast info`)"
-    return impl.check(device)
+    return impl_.check(device)
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device, needs_grad: bool) -> Tuple[str, Impl]:
-    """Pick the implementation of ``op`` to run.
+def resolve(op: str, backend: Optional[str], device: torch.device, needs_grad: bool) -> str:
+    """The name of the backend that runs ``op`` for tensors on ``device``.
 
-    Returns ``(backend_name, impl)``. Raises BackendUnavailableError when an explicitly
-    requested backend cannot run on ``device``.
+    Raises BackendUnavailableError when an explicitly requested backend cannot run there.
     """
-    _ensure_loaded()
     name = normalize_backend(backend)
     if name is not None:
         reason = unavailable_reason(op, name, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run on {device}: {reason}")
-        impl = _REGISTRY[(op, name)]
-        if needs_grad and not impl.has_backward:
+        if needs_grad and not _REGISTRY[(op, name)].has_backward:
             return _fallback_for_grad(op, name, device)
-        return name, impl
-    order = auto_order(op, device)
-    for cand in order:
+        return name
+    for cand in auto_order(op, device):
         if unavailable_reason(op, cand, device) is None:
-            impl = _REGISTRY[(op, cand)]
-            if needs_grad and not impl.has_backward:
+            if needs_grad and not _REGISTRY[(op, cand)].has_backward:
                 continue
-            return cand, impl
+            return cand
     raise BackendUnavailableError(f"{op}: no backend can run on {device}")  # torch always can
 
 
@@ -133,43 +147,46 @@ def auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
     return AUTO_ORDER.get(device.type, {}).get(op, _AUTO_DEFAULT)
 
 
-def _fallback_for_grad(op: str, name: str, device: torch.device) -> Tuple[str, Impl]:
+def _fallback_for_grad(op: str, name: str, device: torch.device) -> str:
     for cand in ("triton", "torch"):
         if cand == name:
             continue
-        impl = _REGISTRY.get((op, cand))
-        if impl is not None and impl.has_backward and impl.check(device) is None:
+        impl_ = _REGISTRY.get((op, cand))
+        if impl_ is not None and impl_.has_backward and impl_.check(device) is None:
             key = (op, name, cand)
             if key not in _WARNED:
                 _WARNED.add(key)
                 warnings.warn(f"himnet_fast: backend {name!r} has no backward for {op}; "
                               f"using {cand!r} while gradients are needed", stacklevel=4)
-            return cand, impl
+            return cand
     raise BackendUnavailableError(f"{op}: backend {name!r} has no backward and no fallback can run on {device}")
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list:
     """Backends that can run every op on ``device`` (default: CUDA if present, else CPU).
 
-    ``"triton"`` counts on CPU only when ``TRITON_INTERPRET=1`` is set.
+    ``"triton"`` counts on CPU only when ``TRITON_INTERPRET=1`` is set. Ops that only one
+    backend implements (the dense adaptive graph, the partitioned graph) do not count.
     """
-    _ensure_loaded()
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    ops = {op for (op, _) in _REGISTRY}
-    out = []
-    for b in BACKENDS:
-        if all(unavailable_reason(op, b, device) is None for op in ops):
-            out.append(b)
-    return out
+    ops = _shared_ops()
+    return [b for b in BACKENDS if all(unavailable_reason(op, b, device) is None for op in ops)]
+
+
+def _shared_ops() -> set:
+    """Ops that more than one backend implements."""
+    by_op: Dict[str, int] = {}
+    for op, _ in _REGISTRY:
+        by_op[op] = by_op.get(op, 0) + 1
+    return {op for op, n in by_op.items() if n > 1}
 
 
 def backend_report() -> Dict[str, str]:
     """For `himnet-fast info`: each backend and either "available" or the reason it is not."""
-    _ensure_loaded()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ops = sorted({op for (op, _) in _REGISTRY})
+    ops = sorted(_shared_ops())
     report = {}
     for b in BACKENDS:
         reasons = [r for r in (unavailable_reason(op, b, device) for op in ops) if r]

@@ -227,7 +227,7 @@ def _precision(precision: str):
 def run_config(cfg: Config) -> None:
     """One HimNet forward + backward on meta tensors through the Triton launchers."""
     from himnet_fast import HimNet
-    from himnet_fast.ops import _triton_backend as tb
+    from himnet_fast.ops import _triton as tb
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     half = max(1, cfg.D // 2)

@@ -4,17 +4,22 @@ This follows the published reference implementation (XDZhelheim/HimNet, KDD 2024
 for operation: dense Chebyshev supports including the identity, weights generated as full
 tensors (B×N×I×O for the decoder), the "S" weights rebuilt at every step and cell call.
 It is deliberately slow and memory-hungry; do not "fix" it, it is what we measure against.
+The SBA ops have their references here too, dense and from their definitions (memory
+quadratic in the node count: small graphs only).
 Parameter names, shapes and initialisation order equal the original, so a state_dict moves
 between this model, the original and :class:`himnet_fast.HimNet` with ``strict=True``.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 __all__ = ["RefHimGCN", "RefHimGCRU", "RefHimEncoder", "RefHimDecoder", "RefHimNet",
-           "ref_meta_linear", "ref_adaptive_propagate", "ref_adaptive_graph"]
+           "ref_meta_linear", "ref_adaptive_propagate", "ref_adaptive_graph", "block_attention_reference",
+           "partitioned_adaptive_graph_reference"]
 
 
 def ref_adaptive_graph(embedding: torch.Tensor) -> torch.Tensor:
@@ -210,3 +215,64 @@ class RefHimNet(nn.Module):
                 if c < self.compute_sampling_threshold(batches_seen):
                     go = labels[:, t, ...]
         return torch.stack(out, dim=1)
+
+
+# --------------------------------------------------------------------------- SBA
+
+def block_attention_reference(q, k, v, mask=None, scale=None):
+    """Dense step-by-step reference: full (B, P*M, P*M) scores with a block-diagonal mask.
+
+    Used by the tests only; memory is quadratic in P*M.
+    """
+    B, P, M, d = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if mask is None:
+        mask = torch.ones(P, M, dtype=torch.bool, device=q.device)
+    mask = (mask.unsqueeze(0) if mask.dim() == 2 else mask).expand(B, P, M).reshape(B, P * M)
+    part = torch.arange(P, device=q.device).repeat_interleave(M)
+    allowed = (part[:, None] == part[None, :]).unsqueeze(0) & mask[:, None, :] & mask[:, :, None]
+    qf, kf, vf = (t.reshape(B, P * M, -1) for t in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    rows_ok = allowed.any(-1, keepdim=True)
+    s = torch.where(rows_ok, s, torch.zeros_like(s))          # avoid softmax of all -inf
+    p = torch.softmax(s, -1) * rows_ok
+    return (p @ vf).reshape(B, P, M, -1)
+
+
+def partitioned_adaptive_graph_reference(embedding: torch.Tensor, partition) -> torch.Tensor:
+    """The partitioned operator of a :class:`~himnet_fast.partition.Partition` as a dense matrix,
+    built row by row from its definition: (N, N) for E (N, D), (B, N, N) for E (B, N, D).
+    O(N²): for tests at small N only.
+
+    Row ``i`` (part ``p``): softmax over ``[relu(e_i·e_j) for j in p] + [relu(e_i·ē_q) for
+    non-empty q != p]``; entry ``j`` in ``p`` gets ``a_ij``, every node of part ``q`` gets
+    ``a_iq / |q|`` (the weight of the pooled value ``v̄_q``).
+    """
+    if partition.num_nodes != embedding.shape[-2]:
+        raise ValueError(f"partition covers {partition.num_nodes} nodes, the embedding {embedding.shape[-2]}")
+    e = embedding if embedding.dim() == 3 else embedding.unsqueeze(0)
+    N = e.shape[1]
+    members = [partition.order[partition.offsets[q]:partition.offsets[q + 1]].tolist()
+               for q in range(partition.num_parts)]
+    out = []
+    for g in range(e.shape[0]):
+        means = {q: e[g, nodes].mean(0) for q, nodes in enumerate(members) if nodes}
+        rows = []
+        for i in range(N):
+            p = int(partition.membership[i])
+            own = members[p]
+            others = [q for q in means if q != p]
+            keys = [e[g, j] for j in own] + [means[q] for q in others]
+            a = torch.softmax(torch.relu(torch.stack(keys) @ e[g, i]), dim=0)
+            cols = [torch.zeros((), dtype=e.dtype, device=e.device) for _ in range(N)]
+            for k, j in enumerate(own):
+                cols[j] = cols[j] + a[k]
+            for k, q in enumerate(others, start=len(own)):
+                for j in members[q]:
+                    cols[j] = cols[j] + a[k] / len(members[q])
+            rows.append(torch.stack(cols))
+        out.append(torch.stack(rows))
+    out = torch.stack(out)
+    return out if embedding.dim() == 3 else out[0]

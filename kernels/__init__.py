@@ -1,5 +1,6 @@
-"""Triton kernels, installed as ``himnet_fast.kernels``: one module per op, each holding its
-kernels, launchers, autograd Function and backend entry (``meta_linear``, ``adaptive_matmul``,
-``gcru``: gate and update, ``block_attention``: SBA). The submodules need Triton; the ops layer
-imports them lazily (``himnet_fast.ops._triton_backend``, ``himnet_fast.sba.attention``), and
-this package itself imports nothing."""
+"""Triton kernels, installed as ``himnet_fast.kernels``: one module per op (``meta_linear``,
+``adaptive_matmul``, ``gcru``: gate and update, ``block_attention``: SBA), each holding the
+op's ``@triton.jit`` kernels and their launchers. The op itself (registration, fake, autograd
+formula, dispatch) is ``himnet_fast/ops/<op>.py``, which imports its launchers on first use
+(``himnet_fast.ops._triton.launcher``). The submodules need Triton; this package itself imports
+nothing."""

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import acc_dtype as _acc_dtype
+
 # Block edge used for every tiled dimension under TRITON_INTERPRET=1. Small on purpose: the
 # interpreter runs each program in numpy, and tiny tiles make CI's small test shapes span
 # several tiles, so the masking and multi-tile paths are exercised on CPU.
@@ -24,19 +26,6 @@ MIN_DOT = 16
 # Element offsets are computed in int32 inside the kernels unless a tensor spans more than
 # this (see needs_int64).
 _MAX_OFFSET = 2 ** 31 - 1
-
-
-def promote(*tensors: Optional[torch.Tensor]) -> tuple:
-    """The tensors cast to their promoted common dtype (``torch.promote_types``), None kept.
-
-    Each kernel reads and writes one dtype throughout, so the backend entries promote mixed
-    inputs first, as PyTorch's own type promotion would; a tensor already in that dtype is
-    passed on as it is (no copy)."""
-    dt = None
-    for t in tensors:
-        if t is not None:
-            dt = t.dtype if dt is None else torch.promote_types(dt, t.dtype)
-    return tuple(t if t is None or t.dtype == dt else t.to(dt) for t in tensors)
 
 
 def interpreting() -> bool:
@@ -126,14 +115,13 @@ def num_sms(device: torch.device) -> int:
 
 
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp32/bf16/fp16 operands (statistics never in 16 bits), fp64
-    for fp64 (so float64 gradchecks stay exact)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Accumulation dtype (:func:`himnet_fast._dtypes.acc_dtype`) of ``dtype`` operands."""
+    return _acc_dtype(dtype)
 
 
 def acc_dtype(dtype: torch.dtype):
     """The ``tl`` dtype of :func:`acc_torch_dtype`, passed to kernels as ``tl.constexpr``."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if _acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def dot_dtype(dtype: torch.dtype):

@@ -26,11 +26,10 @@ No buffer of size N×N exists at any point; extra memory is O(splits·G·N·D + 
 Offsets are int32 unless a tensor spans more than 2^31 - 1 elements (``OFF64``, see
 ``_utils.needs_int64``).
 
-This is the ``adaptive_matmul`` primitive; ``adaptive_propagate`` (the Chebyshev stack in
-``himnet_fast.ops.adaptive_propagate``) is built on it. The module reads top to bottom: kernels,
-launchers (``adaptive_matmul_forward`` / ``adaptive_matmul_backward``), the autograd Function
-(:class:`AdaptiveMatmulFunction`), and the "triton" backend entry :func:`triton_adaptive_matmul`
-(registered by ``himnet_fast.ops._triton_backend``).
+This is the ``adaptive_matmul`` primitive; the Chebyshev terms (``himnet_fast.ops.graph``) are
+built on it. The module reads top to bottom: kernels, then launchers (``adaptive_matmul_forward``
+/ ``adaptive_matmul_backward``), which ``himnet_fast.ops.adaptive_matmul`` registers as the op's
+"triton" forward and backward (its autograd formula lives there).
 """
 from __future__ import annotations
 
@@ -40,12 +39,11 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ._utils import (INTERPRET_BLOCK, MIN_DOT, acc_dtype, acc_torch_dtype, dot_dtype, dot_precision, interpreting,
-                     needs_int64, num_sms, pow2_block, promote, round_in_interpreter, to_storage, whole_block)
+                     needs_int64, num_sms, pow2_block, round_in_interpreter, to_storage, whole_block)
 
-__all__ = ["adaptive_matmul_forward", "adaptive_matmul_backward", "AdaptiveMatmulFunction", "triton_adaptive_matmul"]
+__all__ = ["adaptive_matmul_forward", "adaptive_matmul_backward"]
 
 
 @triton.jit
@@ -440,36 +438,3 @@ def adaptive_matmul_backward(dout: torch.Tensor, e: torch.Tensor, v: torch.Tenso
         # Fixed-order sum over the splits: deterministic.
         de = (part[0] if n_split == 1 else part.sum(0)).to(e.dtype)
     return de, dv
-
-
-# --------------------------------------------------------------------------- autograd Function
-
-class AdaptiveMatmulFunction(torch.autograd.Function):
-    """out (G, N, W) = softmax(relu(E Eᵀ), -1) @ V, flash style.
-
-    Saves E, V, out and the per-row fp32 logsumexp: backward recomputes the probabilities
-    block by block from them, so nothing of size N×N is ever kept."""
-
-    @staticmethod
-    def forward(ctx, e, v):
-        out, lse = adaptive_matmul_forward(e, v)
-        ctx.save_for_backward(e, v, out, lse)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        e, v, out, lse = ctx.saved_tensors
-        need_e, need_v = ctx.needs_input_grad
-        return adaptive_matmul_backward(dout, e, v, out, lse, need_e, need_v)
-
-
-# --------------------------------------------------------------------------- backend entry
-
-def triton_adaptive_matmul(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The "triton" backend of ``himnet_fast.ops.adaptive_matmul``.
-
-    e (G, N, D), v (G, N, W) -> softmax(relu(e eᵀ), -1) @ v, (G, N, W), in the inputs'
-    promoted dtype."""
-    e, v = promote(e, v)
-    return AdaptiveMatmulFunction.apply(e, v)

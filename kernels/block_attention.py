@@ -1,5 +1,5 @@
 """Triton kernels for ``block_attention``: flash-style block-diagonal attention for SBA
-(``himnet_fast.sba.attention.block_attention``).
+(``himnet_fast.ops.block_attention``).
 
 Layout: q, k (G, M, d), v (G, M, dv) contiguous with G = B*P (one program column per part of
 one sample), key/query mask (G, M) int8 (1 = real node). Forward: online softmax over key
@@ -8,17 +8,17 @@ and parts without a real key). Backward: ``dK, dV`` per key block looping over q
 ``dQ`` per query block looping over key blocks, with ``P = exp(S - L)`` recomputed and
 ``dS = P * (dO Vᵀ - delta)``, ``delta = rowsum(dO * O)`` given by the caller.
 
-The module reads top to bottom: kernels, launchers (``block_attention_forward`` /
-``block_attention_backward``), the autograd Function (:class:`BlockAttentionFunction`, on the
-(B, P, M, d) layout of the op) and its entry :func:`triton_block_attention`, which
-``block_attention(..., backend="triton")`` calls.
+The module reads top to bottom: kernels, then launchers (``block_attention_forward`` /
+``block_attention_backward``), which ``himnet_fast.ops.block_attention`` registers as the op's
+"triton" forward and backward.
 """
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_attention_forward", "block_attention_backward", "BlockAttentionFunction",
-           "triton_block_attention"]
+from ._utils import acc_dtype, acc_torch_dtype
+
+__all__ = ["block_attention_forward", "block_attention_backward"]
 
 NEG = -1.0e30
 
@@ -118,15 +118,6 @@ def _block_attention_bwd_dq_kernel(Q, K, V, MSK, DO, L, DELTA, DQ, M, D, DV, sca
              mask=(rm[:, None] < M) & (rd[None, :] < D))
 
 
-def _acc(q):
-    # fp64 inputs accumulate (and keep L, delta) in fp64 so gradcheck holds; else fp32
-    return tl.float64 if q.dtype == torch.float64 else tl.float32
-
-
-def stat_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _blocks(M, d, dv):
     bd = max(16, triton.next_power_of_2(d))
     bdv = max(16, triton.next_power_of_2(dv))
@@ -139,65 +130,25 @@ def block_attention_forward(q, k, v, mask, scale):
     G, M, d = q.shape
     dv = v.shape[-1]
     o = torch.empty(G, M, dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(G, M, device=q.device, dtype=stat_dtype(q))
+    lse = torch.empty(G, M, device=q.device, dtype=acc_torch_dtype(q.dtype))
     bm, bn, bd, bdv = _blocks(M, d, dv)
     _block_attention_fwd_kernel[(triton.cdiv(M, bm), G)](
         q, k, v, mask, o, lse, M, d, dv, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=_acc(q))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc_dtype(q.dtype))
     return o, lse
 
 
 def block_attention_backward(q, k, v, mask, do, lse, delta, scale):
     """Gradients (dq, dk, dv) of :func:`block_attention_forward`; ``delta = rowsum(do * o)``
-    (G, M) in ``stat_dtype(q)``."""
+    (G, M) in ``acc_torch_dtype(q.dtype)``."""
     G, M, d = q.shape
     dv_ = v.shape[-1]
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bm, bn, bd, bdv = _blocks(M, d, dv_)
     _block_attention_bwd_dkdv_kernel[(triton.cdiv(M, bn), G)](
         q, k, v, mask, do, lse, delta, dk, dvv, M, d, dv_, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=_acc(q))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc_dtype(q.dtype))
     _block_attention_bwd_dq_kernel[(triton.cdiv(M, bm), G)](
         q, k, v, mask, do, lse, delta, dq, M, d, dv_, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=_acc(q))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ACC=acc_dtype(q.dtype))
     return dq, dk, dvv
-
-
-# --------------------------------------------------------------------------- autograd Function
-
-class BlockAttentionFunction(torch.autograd.Function):
-    """Intra-part attention on (B, P, M, d) tensors, the contract of the torch path
-    (``himnet_fast.sba.attention._BlockAttention``): q, k (B, P, M, d), v (B, P, M, dv), mask (B | 1, P, M) bool, scale float ->
-    (B, P, M, dv). The parts are flattened to G = B*P contiguous rows for the kernels; saves
-    the flattened inputs, the output and the per-row log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        B, P, M, d = q.shape
-        flat = lambda t: t.reshape(B * P, M, t.shape[-1]).contiguous()
-        m8 = mask.expand(B, P, M).reshape(B * P, M).to(torch.int8).contiguous()
-        qf, kf, vf = flat(q), flat(k), flat(v)
-        o, lse = block_attention_forward(qf, kf, vf, m8, scale)
-        ctx.save_for_backward(qf, kf, vf, m8, o, lse)
-        ctx.scale = scale
-        return o.reshape(B, P, M, -1)
-
-    @staticmethod
-    def backward(ctx, dout):
-        qf, kf, vf, m8, o, lse = ctx.saved_tensors
-        B, P, M, dv = dout.shape
-        do = dout.reshape(B * P, M, dv).contiguous()
-        sd = stat_dtype(qf)
-        delta = (do.to(sd) * o.to(sd)).sum(-1).contiguous()
-        dq, dk, dvv = block_attention_backward(qf, kf, vf, m8, do, lse, delta, ctx.scale)
-        shape = lambda t: t.reshape(B, P, M, t.shape[-1])
-        return shape(dq), shape(dk), shape(dvv), None, None
-
-
-# --------------------------------------------------------------------------- entry
-
-def triton_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """The "triton" path of ``block_attention`` (inputs already validated there): q, k
-    (B, P, M, d), v (B, P, M, dv), mask (B | 1, P, M) bool, scale -> (B, P, M, dv)."""
-    return BlockAttentionFunction.apply(q, k, v, mask, scale)

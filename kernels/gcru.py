@@ -6,13 +6,11 @@
 One program per block of R*H elements; element ``(row, col)`` reads ``pre[row, col]`` and
 ``pre[row, H + col]`` so the split of the gate never makes a copy. Activations are computed
 in fp32 (or fp64 for fp64 inputs) and rounded once on store. Backward recomputes sigmoid /
-tanh from the saved pre-activations instead of saving the activations: the autograd
-Functions keep only (pre, h) resp. (pre_c, r, h), which exist anyway.
+tanh from the saved pre-activations instead of saving the activations: the ops keep only
+(pre, h) resp. (pre_c, r, h), which exist anyway.
 
-The module reads top to bottom: kernels, launchers (``gcru_{gate,update}_{forward,backward}``),
-the autograd Functions (:class:`GcruGateFunction`, :class:`GcruUpdateFunction`) and the
-"triton" backend entries :func:`triton_gcru_gate` / :func:`triton_gcru_update` (registered by
-``himnet_fast.ops._triton_backend``).
+The module reads top to bottom: kernels, then launchers (``gcru_{gate,update}_{forward,backward}``),
+which ``himnet_fast.ops.gcru`` registers as the ops' "triton" forward and backward.
 """
 from __future__ import annotations
 
@@ -21,12 +19,10 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from ._utils import acc_dtype, interpreting, needs_int64, promote, round_in_interpreter, to_storage
+from ._utils import acc_dtype, interpreting, needs_int64, round_in_interpreter, to_storage
 
-__all__ = ["gcru_gate_forward", "gcru_gate_backward", "gcru_update_forward", "gcru_update_backward",
-           "GcruGateFunction", "GcruUpdateFunction", "triton_gcru_gate", "triton_gcru_update"]
+__all__ = ["gcru_gate_forward", "gcru_gate_backward", "gcru_update_forward", "gcru_update_backward"]
 
 
 @triton.jit
@@ -178,56 +174,3 @@ def gcru_update_backward(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor, 
                                                      ACC=acc_dtype(h.dtype), RNE=round_in_interpreter(h.dtype),
                                                      OFF64=needs_int64(h=h), num_warps=warps)
     return dpre, dr, dh
-
-
-# --------------------------------------------------------------------------- autograd Functions
-
-class GcruGateFunction(torch.autograd.Function):
-    """(pre (..., 2H), h (..., H)) -> (sigmoid(pre[..., :H]) * h, sigmoid(pre[..., H:])).
-
-    Saves (pre, h) only: backward recomputes the sigmoids."""
-
-    @staticmethod
-    def forward(ctx, pre, h):
-        ctx.save_for_backward(pre, h)
-        return gcru_gate_forward(pre, h)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dzh, dr):
-        pre, h = ctx.saved_tensors
-        dpre, dh = gcru_gate_backward(pre, h, dzh, dr)
-        return dpre.view(pre.shape), dh.view(h.shape)
-
-
-class GcruUpdateFunction(torch.autograd.Function):
-    """(pre_c, r, h) (..., H) -> r * h + (1 - r) * tanh(pre_c).
-
-    Saves (pre_c, r, h) only: backward recomputes the tanh."""
-
-    @staticmethod
-    def forward(ctx, pre_c, r, h):
-        ctx.save_for_backward(pre_c, r, h)
-        return gcru_update_forward(pre_c, r, h)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        pre_c, r, h = ctx.saved_tensors
-        return gcru_update_backward(pre_c, r, h, dout)
-
-
-# --------------------------------------------------------------------------- backend entries
-
-def triton_gcru_gate(pre: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The "triton" backend of ``himnet_fast.ops.gcru_gate``: pre (..., 2H), h (..., H) ->
-    (zh, r), each (..., H), in the inputs' promoted dtype."""
-    pre, h = promote(pre, h)
-    return GcruGateFunction.apply(pre, h)
-
-
-def triton_gcru_update(pre_c: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The "triton" backend of ``himnet_fast.ops.gcru_update``: pre_c, r, h (..., H) -> (..., H),
-    in the inputs' promoted dtype."""
-    pre_c, r, h = promote(pre_c, r, h)
-    return GcruUpdateFunction.apply(pre_c, r, h)

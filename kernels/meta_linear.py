@@ -31,10 +31,9 @@ Backward (``meta_linear_backward``):
   deterministic, with or without ``torch.use_deterministic_algorithms(True)``.
 * Bias terms (``dPb = qᵀ dy``, ``dq += dy @ Pbᵀ``) are (rows, D) x (D, O) products: torch.
 
-The module reads top to bottom: kernels, launchers (``meta_linear_forward`` /
-``meta_linear_backward``: allocation, grids, block sizes), the autograd Function
-(:class:`MetaLinearFunction`), and the "triton" backend entry of ``himnet_fast.ops.meta_linear``
-(:func:`triton_meta_linear`, registered by ``himnet_fast.ops._triton_backend``).
+The module reads top to bottom: kernels, then launchers (``meta_linear_forward`` /
+``meta_linear_backward``: allocation, grids, block sizes), which ``himnet_fast.ops.meta_linear``
+registers as the op's "triton" forward and backward (its autograd formula lives there).
 """
 from __future__ import annotations
 
@@ -43,12 +42,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ._utils import (acc_dtype, acc_torch_dtype, check_rows, dot_dtype, dot_precision, interpreting, needs_int64,
-                     num_sms, pow2_block, promote, round_in_interpreter, to_storage, whole_block)
+                     num_sms, pow2_block, round_in_interpreter, to_storage, whole_block)
 
-__all__ = ["meta_linear_forward", "meta_linear_backward", "MetaLinearFunction", "triton_meta_linear"]
+__all__ = ["meta_linear_forward", "meta_linear_backward"]
 
 
 @triton.jit
@@ -437,38 +435,3 @@ def _row_sums(dy, axis, acc):
 def _bias_dq(dy, bias_pool, axis, acc):
     """d(q @ Pb)/dq = (dy summed over the rows sharing q) @ Pbᵀ."""
     return _row_sums(dy, axis, acc) @ bias_pool.to(acc).t()
-
-
-# --------------------------------------------------------------------------- autograd Function
-
-class MetaLinearFunction(torch.autograd.Function):
-    """y (B, N, O) = sum_d q_d (x @ P_d) + q @ Pb without the generated weight tensor.
-
-    Saves only the inputs (x, query, pool, bias_pool): backward recomputes ``dy @ P_dᵀ``
-    instead of keeping any intermediate."""
-
-    @staticmethod
-    def forward(ctx, x, query, pool, bias_pool, axis):
-        ctx.axis = axis
-        ctx.save_for_backward(x, query, pool, bias_pool)
-        return meta_linear_forward(x, query, pool, bias_pool, axis)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, query, pool, bias_pool = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:4])
-        dx, dq, dp, dpb = meta_linear_backward(dy, x, query, pool, bias_pool, ctx.axis, needs)
-        return dx, dq, dp, dpb, None
-
-
-# --------------------------------------------------------------------------- backend entry
-
-def triton_meta_linear(x: torch.Tensor, query: torch.Tensor, weight_pool: torch.Tensor,
-                       bias_pool: Optional[torch.Tensor], axis: str) -> torch.Tensor:
-    """The "triton" backend of ``himnet_fast.ops.meta_linear``.
-
-    x (B, N, I), query (B, D) | (N, D) | (B, N, D), weight_pool (D, I, O), bias_pool (D, O)
-    or None, axis "T" | "S" | "ST" -> (B, N, O), in the inputs' promoted dtype."""
-    x, query, weight_pool, bias_pool = promote(x, query, weight_pool, bias_pool)
-    return MetaLinearFunction.apply(x, query, weight_pool, bias_pool, axis.upper())

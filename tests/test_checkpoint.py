@@ -10,7 +10,7 @@ import torch
 from himnet_fast.data import load_dataset
 from himnet_fast.reference import RefHimNet
 from himnet_fast.training import TrainConfig, Trainer
-from himnet_fast.training import checkpoint as ckpt
+from himnet_fast import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

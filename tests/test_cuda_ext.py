@@ -28,7 +28,13 @@ import torch
 
 import himnet_fast as hf
 from himnet_fast import _backend, _cuda_ext_loader
-from himnet_fast.ops import _cuda_backend
+import importlib
+
+from himnet_fast.ops import _cuda
+
+# The op modules (the package attributes of the same names are the ops themselves).
+_am_mod = importlib.import_module("himnet_fast.ops.adaptive_matmul")
+_gcru_mod = importlib.import_module("himnet_fast.ops.gcru")
 from himnet_fast.reference import ref_adaptive_graph, ref_meta_linear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +267,7 @@ def test_backend_function_rejects_mixed_dtypes():
     # Direct calls (bypassing the dispatcher) still refuse what the kernels cannot take.
     x = torch.randn(1, 2, 3)
     with pytest.raises((TypeError, hf.BackendUnavailableError)):
-        _cuda_backend.cuda_gcru_update(x, x.double(), x)
+        _gcru_mod.cuda_update_forward(x, x.double(), x)
 
 
 # --------------------------------------------------------------------------- CPU emulation
@@ -301,7 +307,7 @@ def _p(t):
 
 
 def _code(dtype):
-    return _cuda_backend._DTYPE_CODES[dtype]
+    return _cuda.DTYPE_CODES[dtype]
 
 
 def emu_meta_linear(dll, x, q, p, pb, axis):
@@ -309,7 +315,7 @@ def emu_meta_linear(dll, x, q, p, pb, axis):
     D, _, O = p.shape
     y = torch.full((B, N, O), float("nan"), dtype=x.dtype)
     rc = dll.emu_meta_linear(_p(x), _p(q), _p(p), _p(pb), _p(y), B * N, N, I, O, D,
-                             _cuda_backend._AXIS_CODES[axis], _code(x.dtype))
+                             _cuda.AXIS_CODES[axis], _code(x.dtype))
     assert rc == 0
     return y
 
@@ -442,7 +448,7 @@ def test_gpu_adaptive_matmul(gpu_ext, per_sample, N, D, dtype):
     G, W = (4, 67) if per_sample else (1, 4 * 67)
     e, v = _amm_inputs(G, N, D, W, dtype, device="cuda")
     with torch.no_grad():
-        out = _cuda_backend.cuda_adaptive_matmul(e, v)
+        out = _am_mod.cuda_forward(e, v)[0]
     assert_parity(out, _ref_amm, [e, v], f"adaptive_matmul G={G} N={N} D={D}")
 
 
@@ -549,12 +555,11 @@ def emulated_cuda_backend(emu, monkeypatch):
     """The "cuda" backend's Python functions over the emulated kernels, runnable on CPU tensors:
     checks the glue (contiguity, sizes, codes, the static-graph folding, cheb_k recursion)."""
     _EmulatedModule.calls = {}
-    monkeypatch.setattr(_cuda_backend, "_ext", lambda: _EmulatedModule(emu))
-    monkeypatch.setattr(_cuda_backend, "_launch_args",
-                        lambda ref, *ts: (_cuda_backend._DTYPE_CODES[ref.dtype], 0, 0))
+    monkeypatch.setattr(_cuda, "ext", lambda: _EmulatedModule(emu))
+    monkeypatch.setattr(_cuda, "launch_args", lambda ref, *ts: (_cuda.DTYPE_CODES[ref.dtype], 0, 0))
     for op in ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update"):
         impl = _backend._REGISTRY[(op, "cuda")]
-        monkeypatch.setitem(_backend._REGISTRY, (op, "cuda"), _backend.Impl(impl.fn, False, lambda device: None))
+        monkeypatch.setitem(_backend._REGISTRY, (op, "cuda"), _backend.Impl(impl.forward, None, lambda device: None))
 
 
 @pytest.mark.cuda_ext

@@ -1,12 +1,22 @@
 """ops.gcru_cell (one GCRU step, recomputed in backward) against the reference step."""
+import importlib
+
 import pytest
 import torch
 
 from conftest import parity_backends
 
-from himnet_fast.nn.gcru import HimEncoder, HimGCRU, _split_rows
+from himnet_fast.nn.gcru import HimEncoder, HimGCRU
 from himnet_fast.ops import AdaptiveGraph, gcru_cell
 from himnet_fast.reference import RefHimEncoder, RefHimGCRU, _ref_propagate_support, ref_adaptive_graph
+
+
+def _split_rows(cheb_k, c, h, device):
+    """Rows of a k-major ``cat(x, h)`` weight that multiply x and h: row ``k*(c+h) + j`` is an
+    x row for ``j < c``."""
+    ix = [k * (c + h) + j for k in range(cheb_k) for j in range(c)]
+    ih = [k * (c + h) + c + j for k in range(cheb_k) for j in range(h)]
+    return torch.tensor(ix, device=device), torch.tensor(ih, device=device)
 
 
 def _rel(got, want):
@@ -150,7 +160,7 @@ def test_module_step_uses_op_and_matches_reference():
     want = ref(x, h, sup, e)
     gw = torch.autograd.grad(want.sum(), [h, e] + list(ref.parameters()))
     got = cell(x, h, AdaptiveGraph(e, dense=True), e)
-    assert got.grad_fn is not None and "GCRUCellRecompute" in type(got.grad_fn).__name__
+    assert got.grad_fn is not None and "himnet_fast_gcru_cell" in type(got.grad_fn).__name__
     gg = torch.autograd.grad(got.sum(), [h, e] + list(cell.parameters()))
     assert _rel(got, want) < 1e-5
     for a, b in zip(gg, gw):
@@ -276,24 +286,48 @@ def test_cpu_heap_release(monkeypatch):
 
 @pytest.mark.parametrize("shared_query", [False, True])
 @pytest.mark.parametrize("block_d", [1, 3, 7])
-def test_pool_linear_over_pool_slices(monkeypatch, shared_query, block_d):
-    """The pooled meta-linear of the CPU recompute, its Khatri-Rao block limited to ``block_d``
-    pool slices (D = 7: one per d, ragged 3+3+1, all at once), against the einsum of its
-    definition: output and the gradients of x, q and the pool; fp64 gradcheck."""
-    cell_mod = __import__("sys").modules["himnet_fast.ops.gcru_cell"]
+def test_pooled_product_over_pool_slices(monkeypatch, shared_query, block_d):
+    """The pooled product of the "ST" / streamed "S" meta-linear, its Khatri-Rao block limited
+    to ``block_d`` pool slices (D = 7: one per d, ragged 3+3+1, all at once), against the einsum
+    of its definition: output and the gradients of x, q and the pool; fp64 gradcheck of the op."""
+    ml = importlib.import_module("himnet_fast.ops.meta_linear")  # the module: the package attribute is the function
+
     B, N, I, O, D = 2, 5, 3, 4, 7
-    monkeypatch.setattr(cell_mod, "_KR_BLOCK_BYTES", B * N * I * 8 * block_d)
-    assert len(cell_mod._pool_chunks(torch.zeros(B, N, I, dtype=torch.float64), D)) == -(-D // block_d)
+    monkeypatch.setattr(ml, "_CPU_KR_BLOCK_BYTES", B * N * I * 8 * block_d)
+    assert len(ml._pooled_blocks(torch.zeros(B, N, I, dtype=torch.float64), D)) == -(-D // block_d)
     torch.manual_seed(block_d)
     x = torch.randn(B, N, I, dtype=torch.float64, requires_grad=True)
     q = torch.randn(*((N, D) if shared_query else (B, N, D)), dtype=torch.float64, requires_grad=True)
     pool = torch.randn(D, I, O, dtype=torch.float64, requires_grad=True)
-    y = cell_mod._PoolLinear.apply(x, q, pool)
+    y = ml.pooled_forward(x, q, pool)
     want = torch.einsum("bni," + ("nd" if shared_query else "bnd") + ",dio->bno", x, q, pool)
     torch.testing.assert_close(y, want)
     dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, q, pool), dy)
+    with torch.no_grad():  # an implementation of the op's backward: no autograd inside
+        got = ml.pooled_backward(dy, x, q, pool, (True, True, True))
     ref = torch.autograd.grad(want, (x, q, pool), dy)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r)
-    assert torch.autograd.gradcheck(cell_mod._PoolLinear.apply, (x, q, pool))
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")  # axis "S" streams too
+    op = lambda x, q, pool: ml.meta_linear(x, q, pool, None, "S" if shared_query else "ST", backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, q, pool))
+
+
+def test_pooled_product_over_node_chunks(monkeypatch):
+    """When one pool slice of all rows exceeds the block budget, the product runs one pool entry
+    at a time over chunks of nodes: the same result as one block."""
+    ml = importlib.import_module("himnet_fast.ops.meta_linear")  # the module: the package attribute is the function
+
+    B, N, I, O, D = 2, 9, 3, 4, 3
+    x = torch.randn(B, N, I, dtype=torch.float64)
+    q = torch.randn(B, N, D, dtype=torch.float64)
+    pool = torch.randn(D, I, O, dtype=torch.float64)
+    dy = torch.randn(B, N, O, dtype=torch.float64)
+    whole = ml.pooled_forward(x, q, pool), ml.pooled_backward(dy, x, q, pool, (True, True, True))
+    monkeypatch.setattr(ml, "_CPU_KR_BLOCK_BYTES", B * 2 * I * 8)  # two nodes per block
+    blocks = ml._pooled_blocks(x, D)
+    assert len(blocks) == D * 5 and all(sl.stop - sl.start == 1 for _, sl in blocks)
+    chunked = ml.pooled_forward(x, q, pool), ml.pooled_backward(dy, x, q, pool, (True, True, True))
+    torch.testing.assert_close(chunked[0], whole[0])
+    for a, b in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(a, b)

@@ -176,15 +176,14 @@ def test_large_graph_paths_build_no_node_weights_and_no_dense_graph(monkeypatch,
     is ever materialised, forward and backward."""
     import importlib
     gcn_mod = importlib.import_module("himnet_fast.nn.gcn")
-    # (himnet_fast.ops.adaptive_propagate the attribute is the function; the module is here)
-    ap_mod = importlib.import_module("himnet_fast.ops.adaptive_propagate")
+    graph_mod = importlib.import_module("himnet_fast.ops.graph")
 
     def forbidden(*a, **k):
         raise AssertionError("materialised a per-node weight or a dense graph")
 
     monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")
     monkeypatch.setattr(gcn_mod, "generate_weights", forbidden)
-    monkeypatch.setattr(ap_mod, "adaptive_graph", forbidden)
+    monkeypatch.setattr(graph_mod, "build_dense", forbidden)
     from himnet_fast.models import needs_attributes
     N = 5
     m = build_model(name, N, attributes=torch.randn(N, 6) if needs_attributes(name) else None, hidden_dim=4,

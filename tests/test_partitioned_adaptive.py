@@ -1,15 +1,15 @@
-"""partitioned_adaptive_matmul (himnet_fast.sba.adaptive) and HimNet(partition=...): parity with
+"""partitioned_adaptive_matmul (himnet_fast.ops.partitioned_adaptive) and HimNet(partition=...): parity with
 the dense operator built step by step from its definition, outputs and all gradients."""
 import numpy as np
 import pytest
 import torch
 
 import himnet_fast as hf
-from himnet_fast.ops.adaptive_propagate import AdaptiveGraph, adaptive_graph, adaptive_propagate
-from himnet_fast.sba import adaptive as pa
-from himnet_fast.sba.adaptive import partitioned_adaptive_graph_reference as reference
-from himnet_fast.sba.adaptive import partitioned_adaptive_matmul
-from himnet_fast.sba.partition import _from_membership, partition_graph
+from himnet_fast.ops import AdaptiveGraph, adaptive_graph, adaptive_propagate
+from himnet_fast.ops import partitioned_adaptive as pa
+from himnet_fast.ops.partitioned_adaptive import partitioned_adaptive_matmul
+from himnet_fast.partition import _from_membership, partition_graph
+from himnet_fast.reference import partitioned_adaptive_graph_reference as reference
 
 
 def uneven(n, sizes, seed=0):
@@ -121,7 +121,7 @@ def test_bad_input():
     e, v = torch.randn(11, 4), torch.randn(2, 11, 3)
     with pytest.raises(ValueError, match="partition covers 10 nodes"):
         partitioned_adaptive_matmul(e, v, uneven(10, [5, 5]))
-    with pytest.raises(ValueError, match="partition must be a himnet_fast.sba.Partition"):
+    with pytest.raises(ValueError, match="partition must be a Partition \\(from himnet_fast.sba.partition_graph\\)"):
         partitioned_adaptive_matmul(e, v, [0, 1])
     with pytest.raises(ValueError, match="v has 10 nodes"):
         partitioned_adaptive_matmul(e, torch.randn(2, 10, 3), part)

@@ -1,10 +1,13 @@
-"""himnet_fast.sba.attention: parity with a dense block-masked reference, outputs and gradients."""
+"""himnet_fast.ops.block_attention: parity with a dense block-masked reference, outputs and gradients."""
+import importlib
+
 import pytest
 import torch
 
-from himnet_fast.sba import attention as att
-from himnet_fast.sba.attention import (block_attention, block_attention_reference, inter_attention,
-                                       part_mean)
+from himnet_fast.ops.block_attention import block_attention, inter_attention, part_mean
+from himnet_fast.reference import block_attention_reference
+
+_att = importlib.import_module("himnet_fast.ops.block_attention")  # the module (the package attribute is the op)
 
 
 def make(B, P, M, d, dv, dtype, seed=0):
@@ -65,7 +68,7 @@ def test_chunked_matches_reference(monkeypatch, mb):
     """Tiny budgets force chunks of parts, then chunks of query rows inside one part."""
     monkeypatch.setenv("HIMNET_FAST_CHUNK_MB", mb)
     B, P, M, d = 2, 5, 9, 4
-    pc, qc = att._chunks(B, P, M, d, d, 8)
+    pc, qc = _att._chunks(B, P, M, d, d, 8)
     assert pc < P or qc < M
     q, k, v, mask = make(B, P, M, d, d, torch.float64, seed=2)
     compare(q, k, v, mask, 1e-10)
@@ -74,7 +77,7 @@ def test_chunked_matches_reference(monkeypatch, mb):
 def test_chunk_working_set_bounded(monkeypatch):
     monkeypatch.setenv("HIMNET_FAST_CHUNK_MB", "1")
     B, P, M, d = 4, 64, 512, 16
-    pc, qc = att._chunks(B, P, M, d, d, 4)
+    pc, qc = _att._chunks(B, P, M, d, d, 4)
     assert 3 * B * pc * qc * M * 4 <= (1 << 20)
 
 
@@ -145,6 +148,10 @@ def test_triton_gradcheck_fp64():
 
 
 def test_backend_argument_checked():
+    from himnet_fast import BackendUnavailableError
+
     q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(BackendUnavailableError, match="'cuda' does not implement block_attention"):
         block_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_attention(q, q, q, backend="fast")

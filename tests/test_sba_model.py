@@ -1,10 +1,10 @@
-"""himnet_fast.sba.model: Laplacian PE, SBATransformer shapes, input checks, a training smoke test."""
+"""himnet_fast.models.sba: Laplacian PE, SBATransformer shapes, input checks, a training smoke test."""
 import numpy as np
 import pytest
 import torch
 
 from himnet_fast.sba import SBATransformer
-from himnet_fast.sba.model import fix_signs, laplacian_pe
+from himnet_fast.models.sba import fix_signs, laplacian_pe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

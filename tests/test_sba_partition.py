@@ -1,4 +1,4 @@
-"""himnet_fast.sba.partition: METIS parts, contiguity, padding, determinism, balance, fallbacks."""
+"""himnet_fast.partition: METIS parts, contiguity, padding, determinism, balance, fallbacks."""
 import math
 import sys
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from himnet_fast.sba import partition as part_mod
-from himnet_fast.sba.partition import partition_graph
+from himnet_fast import partition as part_mod
+from himnet_fast.partition import partition_graph
 
 HAS_METIS = True
 try:

@@ -37,61 +37,24 @@ if _REASON is None:
     from himnet_fast.kernels import gcru as k_gcru
     from himnet_fast.kernels import meta_linear as k_ml
     from himnet_fast.kernels import _utils as k_utils
-    from himnet_fast.ops import _triton_backend as tb
+    from himnet_fast.ops import _triton as tb
 
 LOWP = [torch.bfloat16, torch.float16]
 
 
 # --------------------------------------------------------------------------- helpers
 
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+from parity import assert_lowp as _assert_lowp, assert_rel as _assert_rel  # noqa: E402
+from parity import gate_ref as _gate_ref, leaf as _leaf, on, run as _run, update_ref as _update_ref  # noqa: E402
+from parity import am_ref as _am_ref, ml_inputs as _ml_inputs  # noqa: E402
 
-
-def _assert_rel(got, want, tol, what=""):
-    """max |got - want| <= tol * max |want| (relative to the tensor's scale)."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    scale = max(want.double().abs().max().item(), 1e-30) if want.numel() else 1.0
-    err = _err(got, want)
-    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.0e} * scale {scale:.3e}"
-
-
-def _assert_lowp(got, exact, own, what=""):
-    """Error of the kernel <= 2x PyTorch's own error in the same dtype (tiny floor for exact ties)."""
-    assert got.dtype == own.dtype, f"{what}: dtype {got.dtype} != {own.dtype}"
-    e_got, e_own = _err(got, exact), _err(own, exact)
-    floor = 1e-6 * max(exact.double().abs().max().item(), 1e-30)
-    assert e_got <= 2 * e_own + floor, f"{what}: kernel error {e_got:.3e} > 2 x torch's {e_own:.3e}"
-
-
-def _run(fn, inputs, g):
-    """fn(*inputs) and the gradients of <fn(*inputs), g> into every input that requires grad."""
-    out = fn(*inputs)
-    grads = torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], g)
-    return out, grads
-
-
-def _leaf(t, dtype=None):
-    t = t if dtype is None else t.to(dtype)
-    return t.detach().clone().requires_grad_(True)
+TRITON = {op: on("triton", op) for op in ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update")}
 
 
 # --------------------------------------------------------------------------- meta_linear
 
-QSHAPE = {"T": lambda B, N, D: (B, D), "S": lambda B, N, D: (N, D), "ST": lambda B, N, D: (B, N, D)}
-
-
-def _ml_inputs(axis, B, N, I, O, D, bias=True, dtype=torch.float64):
-    x = torch.randn(B, N, I, dtype=dtype)
-    q = torch.randn(*QSHAPE[axis](B, N, D), dtype=dtype)
-    p = torch.randn(D, I, O, dtype=dtype) / (I * D) ** 0.5
-    pb = torch.randn(D, O, dtype=dtype) if bias else None
-    return x, q, p, pb
-
-
 def _ml_triton(axis):
-    return lambda x, q, p, pb: k_ml.triton_meta_linear(x, q, p, pb, axis)
+    return lambda x, q, p, pb: TRITON["meta_linear"](x, q, p, pb, axis)
 
 
 def _ml_ref(axis):
@@ -188,19 +151,16 @@ def test_meta_linear_zero_size(axis):
     if axis == "S":
         q = torch.randn(4, 2)
     leaves = [_leaf(t) for t in (x, q, p, pb)]
-    y = k_ml.triton_meta_linear(*leaves, axis)
+    y = TRITON["meta_linear"](*leaves, axis)
     assert y.shape == (0, 4, 6)
     y.sum().backward()
     assert torch.count_nonzero(leaves[2].grad) == 0 and torch.count_nonzero(leaves[3].grad) == 0
     # No input columns: y is the bias alone.
     x, q, p, pb = _ml_inputs(axis, 2, 4, 0, 6, 2, dtype=torch.float32)
-    _assert_rel(k_ml.triton_meta_linear(x, q, p, pb, axis), ref_meta_linear(x, q, p, pb, axis), 1e-6, "bias only")
+    _assert_rel(TRITON["meta_linear"](x, q, p, pb, axis), ref_meta_linear(x, q, p, pb, axis), 1e-6, "bias only")
 
 
 # --------------------------------------------------------------------------- adaptive_matmul
-
-def _am_ref(e, v):
-    return torch.softmax(torch.relu(e @ e.transpose(1, 2)), dim=-1) @ v
 
 
 @pytest.mark.parametrize("G,N,D,W", [
@@ -213,7 +173,7 @@ def test_adaptive_matmul_matches_reference_fp32(G, N, D, W):
     e, v = torch.randn(G, N, D, dtype=torch.float64), torch.randn(G, N, W, dtype=torch.float64)
     g = torch.randn(G, N, W, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    got, ggot = _run(TRITON["adaptive_matmul"], [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
     _assert_rel(got, want.float(), 1e-4, "out")
     for name, a, b in zip(("dE", "dV"), ggot, gwant):
         _assert_rel(a, b.float(), 1e-4, name)
@@ -223,7 +183,7 @@ def test_adaptive_matmul_fp64_exact():
     e, v = torch.randn(2, 23, 6, dtype=torch.float64), torch.randn(2, 23, 9, dtype=torch.float64)
     g = torch.randn(2, 23, 9, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(TRITON["adaptive_matmul"], [_leaf(e), _leaf(v)], g)
     _assert_rel(got, want, 1e-10, "out")
     for name, a, b in zip(("dE", "dV"), ggot, gwant):
         _assert_rel(a, b, 1e-10, name)
@@ -240,7 +200,7 @@ def test_adaptive_matmul_non_positive_rows():
     v = torch.randn(G, N, W, dtype=torch.float64)
     g = torch.randn(G, N, W, dtype=torch.float64)
     want, gwant = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
+    got, ggot = _run(TRITON["adaptive_matmul"], [_leaf(e, torch.float32), _leaf(v, torch.float32)], g.float())
     _assert_rel(got, want.float(), 1e-4, "out")
     torch.testing.assert_close(got[0, 4], v[0].float().mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], v[1].float().mean(0).expand(N, W), rtol=1e-5, atol=1e-6)
@@ -257,7 +217,7 @@ def test_adaptive_matmul_low_precision(dtype, G, N, D, W):
     g = torch.randn(G, N, W).to(dtype)
     exact, gexact = _run(_am_ref, [_leaf(e, torch.float64), _leaf(v, torch.float64)], g.double())
     own, gown = _run(_am_ref, [_leaf(e), _leaf(v)], g)
-    got, ggot = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    got, ggot = _run(TRITON["adaptive_matmul"], [_leaf(e), _leaf(v)], g)
     _assert_lowp(got, exact, own, "out")
     for name, a, b, c in zip(("dE", "dV"), ggot, gexact, gown):
         _assert_lowp(a, b, c, name)
@@ -266,7 +226,7 @@ def test_adaptive_matmul_low_precision(dtype, G, N, D, W):
 def test_adaptive_matmul_saves_only_e_v_out_lse():
     G, N, D, W = 2, 37, 5, 6
     e, v = _leaf(torch.randn(G, N, D)), _leaf(torch.randn(G, N, W))
-    out = k_am.triton_adaptive_matmul(e, v)
+    out = TRITON["adaptive_matmul"](e, v)
     saved = out.grad_fn.saved_tensors
     assert [tuple(t.shape) for t in saved] == [(G, N, D), (G, N, W), (G, N, W), (G, N)]
     lse = saved[3]
@@ -278,27 +238,17 @@ def test_adaptive_matmul_saves_only_e_v_out_lse():
 def test_adaptive_matmul_non_contiguous_is_bitwise_the_same():
     G, N, D, W = 2, 29, 6, 20
     e, v, g = torch.randn(G, N, D), torch.randn(G, N, W), torch.randn(G, N, W)
-    want, gwant = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], g)
+    want, gwant = _run(TRITON["adaptive_matmul"], [_leaf(e), _leaf(v)], g)
     es = e.transpose(1, 2).contiguous().transpose(1, 2)
     vs = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     assert not es.is_contiguous() and not vs.is_contiguous()
-    got, ggot = _run(k_am.triton_adaptive_matmul, [es.requires_grad_(True), vs.requires_grad_(True)], g)
+    got, ggot = _run(TRITON["adaptive_matmul"], [es.requires_grad_(True), vs.requires_grad_(True)], g)
     assert torch.equal(got, want)  # same tiles, same order: bitwise equal
     for a, b in zip(ggot, gwant):
         assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- GCRU tail
-
-def _gate_ref(pre, h):
-    H = h.shape[-1]
-    zr = torch.sigmoid(pre)
-    return zr[..., :H] * h, zr[..., H:]
-
-
-def _update_ref(pre_c, r, h):
-    return r * h + (1 - r) * torch.tanh(pre_c)
-
 
 @pytest.mark.parametrize("shape", [(2, 37, 5), (3, 1, 1, 16), (0, 4, 3)])
 def test_gcru_fp32(shape):
@@ -311,7 +261,7 @@ def test_gcru_fp32(shape):
     leaves32 = [pre_big.float()[..., H:].requires_grad_(True), _leaf(h, torch.float32)]
     assert not leaves32[0].is_contiguous() or pre.numel() == 0
     want, gwant = _run(_gate_ref, leaves64, (gz, gr))
-    got, ggot = _run(k_gcru.triton_gcru_gate, leaves32, (gz.float(), gr.float()))
+    got, ggot = _run(TRITON["gcru_gate"], leaves32, (gz.float(), gr.float()))
     for name, a, b in zip(("zh", "r", "dpre", "dh"), list(got) + list(ggot), list(want) + list(gwant)):
         _assert_rel(a, b.detach().float(), 1e-5, name)
 
@@ -319,7 +269,7 @@ def test_gcru_fp32(shape):
     leaves64 = [_leaf(t) for t in (c, r, h)]
     leaves32 = [_leaf(t, torch.float32) for t in (c, r, h)]
     want, gwant = _run(_update_ref, leaves64, gz)
-    got, ggot = _run(k_gcru.triton_gcru_update, leaves32, gz.float())
+    got, ggot = _run(TRITON["gcru_update"], leaves32, gz.float())
     _assert_rel(got, want.float(), 1e-5, "update out")
     for a, b in zip(ggot, gwant):
         _assert_rel(a, b.float(), 1e-5, "update grad")
@@ -336,14 +286,14 @@ def test_gcru_low_precision_and_extremes(dtype):
     exact, gexact = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre, torch.float64), _leaf(h, torch.float64)],
                          g.double())
     own, gown = _run(lambda a, b: _gate_ref(a, b)[0], [_leaf(pre), _leaf(h)], g)
-    got, ggot = _run(lambda a, b: k_gcru.triton_gcru_gate(a, b)[0], [_leaf(pre), _leaf(h)], g)
+    got, ggot = _run(lambda a, b: TRITON["gcru_gate"](a, b)[0], [_leaf(pre), _leaf(h)], g)
     _assert_lowp(got, exact, own, "zh")
     for a, b, c in zip(ggot, gexact, gown):
         assert torch.isfinite(a).all()
         _assert_lowp(a, b, c, "gate grad")
     exact, gexact = _run(_update_ref, [_leaf(t, torch.float64) for t in (pre[..., :H], r, h)], g.double())
     own, gown = _run(_update_ref, [_leaf(t) for t in (pre[..., :H], r, h)], g)
-    got, ggot = _run(k_gcru.triton_gcru_update, [_leaf(t) for t in (pre[..., :H], r, h)], g)
+    got, ggot = _run(TRITON["gcru_update"], [_leaf(t) for t in (pre[..., :H], r, h)], g)
     _assert_lowp(got, exact, own, "h'")
     for a, b, c in zip(ggot, gexact, gown):
         assert torch.isfinite(a).all()
@@ -353,14 +303,14 @@ def test_gcru_low_precision_and_extremes(dtype):
 # --------------------------------------------------------------------------- backend plumbing
 
 def test_check_reasons(monkeypatch):
-    assert tb._check(torch.device("meta")) is not None and "not supported" in tb._check(torch.device("meta"))
+    assert tb.check(torch.device("meta")) is not None and "not supported" in tb.check(torch.device("meta"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reason = tb._check(torch.device("cpu"))
+    reason = tb.check(torch.device("cpu"))
     assert reason is not None and "TRITON_INTERPRET=1" in reason
     if HAS_CUDA:
         assert "triton" in hf.available_backends(torch.device("cuda"))
     else:
-        assert "CUDA" in tb._check(torch.device("cuda"))
+        assert "CUDA" in tb.check(torch.device("cuda"))
         assert "triton" not in hf.available_backends(torch.device("cuda"))
 
 
@@ -474,12 +424,12 @@ def test_int64_offset_variant_is_bitwise_equal(monkeypatch):
         for axis, inputs in ml_cases:
             leaves = [_leaf(t) for t in inputs]
             outs += _run(_ml_triton(axis), leaves, torch.ones(3, 18, 17))[1]
-            outs.append(k_ml.triton_meta_linear(*inputs, axis))
-        out, grads = _run(k_am.triton_adaptive_matmul, [_leaf(e), _leaf(v)], v)
+            outs.append(TRITON["meta_linear"](*inputs, axis))
+        out, grads = _run(TRITON["adaptive_matmul"], [_leaf(e), _leaf(v)], v)
         outs += [out, *grads]
         pl, hl = _leaf(pre), _leaf(h)
-        zh, r = k_gcru.triton_gcru_gate(pl, hl)
-        hn = k_gcru.triton_gcru_update(pl[..., :7], r, hl)
+        zh, r = TRITON["gcru_gate"](pl, hl)
+        hn = TRITON["gcru_update"](pl[..., :7], r, hl)
         outs += [zh, r, hn, *torch.autograd.grad((zh * 2 + hn).sum(), [pl, hl])]
         return outs
 

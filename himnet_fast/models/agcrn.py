@@ -4,7 +4,8 @@ Node-adaptive parameter learning is ``meta_linear`` with axis "S" (per-node weig
 ``W_n = sum_d E[n, d] P_d`` from the node embedding E (N, D) and a pool P), and the graph
 convolution input is ``adaptive_propagate`` over ``A = softmax(relu(E Eᵀ))`` with the same
 Chebyshev recursion ``[I, A, 2 A T_{k-1} - T_{k-2}]`` as the original. The cell is HimNet's GCRU
-(HimNet was built on AGCRN's cell), so the lean encoder loop of :class:`HimGCRU` runs it.
+(HimNet was built on AGCRN's cell), so each step is the library's recurrent cell op and a
+sequence its lean loop (:func:`himnet_fast.nn.gcru.run_sequence`), with AGCRN's own maps.
 
 Module layout, parameter names and shapes equal the original release (LeiBAI/AGCRN,
 ``model/AGCRN.py``, ``AGCRNCell.py``, ``AGCN.py``), so an original ``state_dict`` loads with
@@ -26,7 +27,6 @@ graph convolutions computed for all steps at once.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -35,8 +35,9 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_cheb_k, check_tensor
 from ..nn.gcn import GeneratedLinear
-from ..nn.gcru import HimGCRU
-from ..ops.adaptive_propagate import AdaptiveGraph
+from ..nn.gcru import cell_weights, run_sequence, run_step
+from ..ops.gcru_cell import CellWeights
+from ..ops.graph import AdaptiveGraph
 
 __all__ = ["AVWGCN", "AGCRNCell", "AVWDCRNN", "AGCRN"]
 
@@ -67,7 +68,7 @@ class AVWGCN(nn.Module):
         super().__init__()
         self.dim_in, self.dim_out, self.embed_dim = dim_in, dim_out, embed_dim
         self.cheb_k = check_cheb_k(cheb_k)
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         # The original leaves these uninitialised (torch.FloatTensor) and its training script
         # re-initialises every parameter; AGCRN.__init__ does the same, this is a fallback for
         # the module used on its own.
@@ -76,19 +77,13 @@ class AVWGCN(nn.Module):
         nn.init.xavier_uniform_(self.weights_pool)
         nn.init.xavier_uniform_(self.bias_pool)
 
-    def _check_query(self, q) -> None:
-        _check_embeddings(q, self.embed_dim)
-
     def generate(self, node_embeddings: torch.Tensor, streamed: Optional[bool] = None) -> GeneratedLinear:
-        """The per-node linear map for ``node_embeddings`` (N, D), built once per forward.
-
-        :class:`GeneratedLinear` reads ``meta_axis``, ``weights_pool`` (3-d, k-major rows),
-        ``bias_pool`` and ``_check_query`` from the object it is given; this view supplies them.
-        """
+        """The per-node linear map for ``node_embeddings`` (N, D), built once per forward, from the
+        pool viewed as (embed_dim, cheb_k * dim_in, dim_out) (k-major rows)."""
+        _check_embeddings(node_embeddings, self.embed_dim)
         d, k, i, o = self.weights_pool.shape
-        view = SimpleNamespace(meta_axis="S", weights_pool=self.weights_pool.view(d, k * i, o),
-                               bias_pool=self.bias_pool, _check_query=self._check_query)
-        return GeneratedLinear(view, node_embeddings, self.backend, streamed)
+        return GeneratedLinear.from_pool(self.weights_pool.view(d, k * i, o), self.bias_pool, node_embeddings, "S",
+                                         self.backend, streamed)
 
     def forward(self, x: torch.Tensor, node_embeddings: torch.Tensor, *,
                 graph: Optional[AdaptiveGraph] = None) -> torch.Tensor:
@@ -108,27 +103,34 @@ class AVWGCN(nn.Module):
         return f"{self.dim_in}, {self.dim_out}, cheb_k={self.cheb_k}, embed_dim={self.embed_dim}"
 
 
-class AGCRNCell(HimGCRU):
+class AGCRNCell(nn.Module):
     """The original ``AGCRNCell``: a GRU whose two linear maps are :class:`AVWGCN`.
 
     ``z, r = split(sigmoid(gate(cat(x, h))))``; ``hc = tanh(update(cat(x, z * h)))``;
-    ``h' = r * h + (1 - r) * hc`` -- HimNet's GCRU equations, so the step and the lean sequence
-    loop (:meth:`HimGCRU.run_sequence`) are inherited; only the submodules differ.
+    ``h' = r * h + (1 - r) * hc`` -- HimNet's GCRU equations, so a step is the library's cell op
+    (:func:`~himnet_fast.nn.gcru.run_step`) with this cell's maps; ``recompute`` as in
+    :class:`~himnet_fast.HimGCRU`.
     """
 
     def __init__(self, node_num, dim_in, dim_out, cheb_k, embed_dim, *, backend: Optional[str] = None):
-        nn.Module.__init__(self)  # HimGCRU's __init__ would build HimGCN submodules
+        super().__init__()
         self.node_num = self.num_nodes = node_num
         self.input_dim = dim_in
         self.hidden_dim = dim_out
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         self.gate = AVWGCN(dim_in + dim_out, 2 * dim_out, cheb_k, embed_dim, backend=backend)
         self.update = AVWGCN(dim_in + dim_out, dim_out, cheb_k, embed_dim, backend=backend)
-        # HimGCRU's switch: each step as one gcru_cell op recomputed in backward.
         self.recompute = True
 
     def init_hidden_state(self, batch_size):
         return torch.zeros(batch_size, self.node_num, self.hidden_dim)
+
+    def weights(self, node_embeddings: torch.Tensor, like: torch.Tensor) -> CellWeights:
+        """The cell op's weights, generated once per forward; the update map takes the gate's
+        choice between built and streamed per-node weights (one form for both)."""
+        gate = self.gate.generate(node_embeddings)
+        update = self.update.generate(node_embeddings, streamed=gate.streamed)
+        return cell_weights(gate, update, self.input_dim, self.gate.cheb_k, like)
 
     def forward(self, x, state, node_embeddings, *, graph: Optional[AdaptiveGraph] = None):
         """One step: x (B, N, dim_in), state (B, N, H), node_embeddings (N, D) -> (B, N, H)."""
@@ -143,8 +145,15 @@ class AGCRNCell(HimGCRU):
         _check_embeddings(node_embeddings, self.gate.embed_dim, x.shape[1])
         if graph is None:
             graph = AdaptiveGraph(node_embeddings, backend=self.backend)
-        state = state.to(x.device)
-        return self._step(x, state, graph, *self.generate_maps(node_embeddings))
+        return self.step(x, state.to(x.device), graph, self.weights(node_embeddings, x))
+
+    def step(self, x, state, graph: AdaptiveGraph, weights: CellWeights):
+        return run_step(x, state, graph, weights, self.gate.cheb_k, self.backend, self.recompute)
+
+    def sequence(self, xs, graph: AdaptiveGraph, node_embeddings):
+        """(states (B, T, N, H), last state) over xs (B, T, N, dim_in) from a zero state."""
+        return run_sequence(xs, graph, self.weights(node_embeddings, xs), self.gate.cheb_k, self.hidden_dim,
+                            self.backend, self.recompute)
 
 
 class AVWDCRNN(nn.Module):
@@ -184,13 +193,13 @@ class AVWDCRNN(nn.Module):
         current, last = x, []
         for i, cell in enumerate(self.dcrnn_cells):
             if init_state is None:
-                current = cell.run_sequence(current, graph, node_embeddings)
+                current, state = cell.sequence(current, graph, node_embeddings)
             else:
-                gate, update = cell.generate_maps(node_embeddings)
+                weights = cell.weights(node_embeddings, current)
                 state = init_state[i].to(x.device)
                 states = []
                 for t in range(current.shape[1]):
-                    state = cell._step(current[:, t], state, graph, gate, update)
+                    state = cell.step(current[:, t], state, graph, weights)
                     states.append(state)
                 current = torch.stack(states, dim=1)
             last.append(current[:, -1])
@@ -239,7 +248,7 @@ class AGCRN(nn.Module):
         self.horizon = cfg["horizon"]
         self.num_layers = cfg["num_layers"]
         self.default_graph = getattr(args, "default_graph", default_graph)
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         self.dense_graph = dense_graph
         self.node_embeddings = nn.Parameter(torch.randn(self.num_node, cfg["embed_dim"]), requires_grad=True)
         self.encoder = AVWDCRNN(self.num_node, self.input_dim, self.hidden_dim, cfg["cheb_k"], cfg["embed_dim"],

@@ -28,7 +28,6 @@ computed for all steps in one product.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -37,9 +36,8 @@ import torch.nn as nn
 from .. import _backend
 from .._checks import check_cheb_k, check_tensor
 from ..nn.gcn import GeneratedLinear
-from ..nn.gcru import HimGCRU, _split_rows
-from ..ops.gcru import gcru_gate, gcru_update
-from ..ops.adaptive_propagate import AdaptiveGraph
+from ..nn.gcru import cell_weights, run_sequence
+from ..ops.graph import AdaptiveGraph
 
 __all__ = ["HyperSTLSTMG", "HyperSTLSTMD", "HyperSTGCGRU", "SpatialModule"]
 
@@ -85,7 +83,7 @@ class _HyperSTBase(nn.Module):
             raise ValueError(f"attributes must have shape (num_nodes={num_nodes}, A), got {tuple(attributes.shape)}")
         self.num_nodes, self.input_dim, self.hidden_dim = num_nodes, input_dim, hidden_dim
         self.output_dim, self.horizon, self.num_layers = output_dim, horizon, num_layers
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         # Persistent: a checkpoint carries the attributes the model was trained with.
         self.register_buffer("attributes", attributes.detach().clone().float())
         self.spatial = SpatialModule(attributes.shape[1], spatial_dim)
@@ -132,19 +130,13 @@ class HyperSTLSTMGCell(nn.Module):
                                                                             4 * hidden_dim)))
         self.bias_pool = nn.init.xavier_normal_(nn.Parameter(torch.empty(query_dim, 4 * hidden_dim)))
 
-    def _check_query(self, q):
-        check_tensor("query", q, 2)
-
     def run_sequence(self, xs, e, graph=None):
         """xs (B, T, N, input_dim), e (N, S) -> hidden states (B, T, N, H), from zero states."""
         B, T, N, C = xs.shape
         q = self.deduction(e)                                          # (N, D)
-        view = SimpleNamespace(meta_axis="S", weights_pool=self.weights_pool, bias_pool=self.bias_pool,
-                               _check_query=self._check_query)
-        lin = GeneratedLinear(view, q, self.backend)                   # W_n built once (or streamed)
-        rows = torch.arange(C + self.hidden_dim, device=xs.device)
-        pre_x = lin.select_rows(rows[:C])(xs)                          # (B, T, N, 4H), b_n included
-        lin_h = lin.select_rows(rows[C:])
+        lin = GeneratedLinear.from_pool(self.weights_pool, self.bias_pool, q, "S", self.backend)
+        lin_x, lin_h = lin.split(1, C)                                 # W_n built once (or streamed)
+        pre_x = lin_x(xs)                                              # (B, T, N, 4H), b_n included
         h = c = xs.new_zeros(B, N, self.hidden_dim, dtype=pre_x.dtype)
         out = []
         for t in range(T):
@@ -210,29 +202,6 @@ class HyperSTLSTMD(_HyperSTBase):
 
 # --------------------------------------------------------------------------- HyperST-GCGRU
 
-class _ScaledLinear:
-    """``y = z ⊙ (x W) + b`` for a fixed per-node scale z (N, O); the interface of
-    :class:`GeneratedLinear` that :meth:`HimGCRU.run_sequence` uses (``select_rows``, ``matmul``
-    without bias, ``__call__`` with bias). Since the scale is linear, splitting the rows of W
-    into an x half and an h half and summing is exact."""
-
-    def __init__(self, weight, bias, z):
-        self.weight, self.bias, self.z = weight, bias, z
-
-    def select_rows(self, rows):
-        return _ScaledLinear(self.weight.index_select(0, rows), self.bias, self.z)
-
-    def split_rows(self, rows_x, rows_h):
-        """(the input rows' map, the state rows' map), as GeneratedLinear.split_rows."""
-        return self.select_rows(rows_x), self.select_rows(rows_h)
-
-    def matmul(self, x):
-        return (x @ self.weight) * self.z
-
-    def __call__(self, x):
-        return self.matmul(x) + self.bias
-
-
 class HyperSTGCN(nn.Module):
     """Graph convolution ``z ⊙ (cat_k(T_k x) W) + b`` with z deduced per node from the spatial
     embedding. W (cheb_k * dim_in, dim_out) is k-major, as ``adaptive_propagate``'s output."""
@@ -245,43 +214,32 @@ class HyperSTGCN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim_out))
 
     def generate(self, e):
-        """e (N, S) -> the node-scaled linear map, built once per forward."""
-        return _ScaledLinear(self.weight, self.bias, self.deduction(e))
+        """e (N, S) -> the node-scaled linear map ``z ⊙ (x W) + b``, built once per forward."""
+        return GeneratedLinear.scaled(self.weight, self.bias, self.deduction(e))
 
     def forward(self, x, graph: AdaptiveGraph, e):
         """x (B, N, dim_in), e (N, S) -> (B, N, dim_out)."""
         return self.generate(e)(graph.propagate(x, self.cheb_k))
 
 
-class HyperSTGCGRUCell(HimGCRU):
-    """GCGRU cell (HimNet/AGCRN equations) whose two graph convolutions are :class:`HyperSTGCN`;
-    the lean sequence loop is :meth:`HimGCRU.run_sequence`, with ``embeddings`` = e."""
+class HyperSTGCGRUCell(nn.Module):
+    """GCGRU cell (HimNet/AGCRN equations) whose two graph convolutions are :class:`HyperSTGCN`:
+    every step is the library's recurrent cell op with the node-scaled ("scaled") weight form,
+    the sequence its lean loop (:func:`himnet_fast.nn.gcru.run_sequence`). ``recompute`` as in
+    :class:`~himnet_fast.HimGCRU`."""
 
     def __init__(self, num_nodes, input_dim, hidden_dim, cheb_k, spatial_dim, backend=None):
-        nn.Module.__init__(self)
+        super().__init__()
         self.num_nodes, self.input_dim, self.hidden_dim = num_nodes, input_dim, hidden_dim
         self.backend = backend
         self.gate = HyperSTGCN(input_dim + hidden_dim, 2 * hidden_dim, cheb_k, spatial_dim)
         self.update = HyperSTGCN(input_dim + hidden_dim, hidden_dim, cheb_k, spatial_dim)
+        self.recompute = True
 
-        self.recompute = False
-
-    def run_sequence(self, xs, e, graph):  # argument order of the HyperST cells
-        return HimGCRU.run_sequence(self, xs, graph, e)
-
-    def _cell(self, zx, state, graph, gate, update, sunk=None):
-        """One step after the first, through plain autograd: the scaled maps are not the
-        weight forms :func:`~himnet_fast.ops.gcru_cell` takes. zx (B, N, K*C) is the propagated
-        input; the state half is propagated here."""
-        k = self.gate.cheb_k
-        ix, ih = _split_rows(k, zx.shape[-1] // k, self.hidden_dim, zx.device)
-        gx, gh = gate.split_rows(ix, ih)
-        ux, uh = update.split_rows(ix, ih)
-        zh, r = gcru_gate(gx(zx) + gh.matmul(graph.propagate(state, k)), state, backend=self.backend)
-        return gcru_update(ux(zx) + uh.matmul(graph.propagate(zh, k)), r, state, backend=self.backend)
-
-    def _sink(self, gate, update, c):
-        return None  # no per-node weight to accumulate: the scale z is applied to the output
+    def run_sequence(self, xs, e, graph):
+        """xs (B, T, N, input_dim), e (N, S) -> hidden states (B, T, N, H), from zero states."""
+        weights = cell_weights(self.gate.generate(e), self.update.generate(e), self.input_dim, self.gate.cheb_k, xs)
+        return run_sequence(xs, graph, weights, self.gate.cheb_k, self.hidden_dim, self.backend, self.recompute)[0]
 
 
 class HyperSTGCGRU(_HyperSTBase):

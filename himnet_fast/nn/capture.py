@@ -20,7 +20,8 @@ Rules and limits:
   and node count are fixed; another batch size needs another capture (share memory between
   captures with ``pool=torch.cuda.graph_pool_handle()``).
 * Inputs are validated before the replay, outside the graph: shapes, and the time features
-  (one host sync) when ``model.check_inputs`` is on — the same checks as the eager forward.
+  (one host sync, :meth:`HimNet.validate_inputs`) when ``model.check_inputs`` is on — the same
+  checks as the eager forward.
   They are then copied into the static buffers (any device/dtype; copied and cast).
 * The graph reads the parameters' memory: in-place updates (``load_state_dict``,
   ``param.data.copy_``) are seen by the next replay; replacing a parameter tensor is not
@@ -33,42 +34,11 @@ Rules and limits:
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .himnet import HimNet
-
 __all__ = ["CapturedHimNet"]
-
-
-@contextlib.contextmanager
-def _cached_split_rows(cache: Dict[tuple, tuple]):
-    """Serve ``gcru._split_rows`` from ``cache`` while warming up and capturing.
-
-    The encoder builds two small index tensors with ``torch.tensor(..., device=cuda)`` on every
-    call: a pageable host-to-device copy that synchronises the stream, which CUDA-graph capture
-    forbids. The warm-up (not captured) fills the cache; the capture then reuses those tensors,
-    and the caller keeps the cache alive as long as the graph reads them.
-    """
-    from . import gcru
-
-    original = getattr(gcru, "_split_rows", None)
-    if original is None:  # the encoder no longer builds index tensors per call
-        yield
-        return
-
-    def cached(cheb_k, c, h, device):
-        key = (cheb_k, c, h, str(torch.device(device)))
-        if key not in cache:
-            cache[key] = original(cheb_k, c, h, device)
-        return cache[key]
-
-    gcru._split_rows = cached
-    try:
-        yield
-    finally:
-        gcru._split_rows = original
 
 
 class CapturedHimNet:
@@ -90,10 +60,10 @@ class CapturedHimNet:
     (B, out_steps, N, output_dim).
     """
 
-    def __init__(self, model: HimNet, batch_size: int, *, in_steps: int = 12,
+    def __init__(self, model: torch.nn.Module, batch_size: int, *, in_steps: int = 12,
                  dtype: Optional[torch.dtype] = None, autocast_dtype: Optional[torch.dtype] = None,
                  warmup: int = 3, pool=None, clone: bool = True):
-        if not isinstance(model, HimNet):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "validate_inputs"):
             raise TypeError(f"model must be a himnet_fast.HimNet, got {type(model).__name__}")
         for name, value, low in (("batch_size", batch_size, 1), ("in_steps", in_steps, 1), ("warmup", warmup, 1)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -123,7 +93,6 @@ class CapturedHimNet:
         # Zeros are valid inputs (time of day 0, day of week 0) for the warm-up and capture.
         self.static_x = torch.zeros(batch_size, in_steps, N, model.input_dim, dtype=dtype, device=device)
         self.static_y_cov = torch.zeros(batch_size, model.out_steps, N, model.ycov_dim, dtype=dtype, device=device)
-        self._index_cache: Dict[tuple, tuple] = {}  # read by the graph: lives as long as it
         try:
             self.graph, self.static_output = self._capture(warmup, pool)
         except Exception as exc:
@@ -142,8 +111,7 @@ class CapturedHimNet:
         # Input validation syncs with the host; it runs in __call__, outside the graph.
         model.check_inputs = False
         try:
-            with torch.cuda.device(self.device), torch.no_grad(), self._autocast(), \
-                    _cached_split_rows(self._index_cache):
+            with torch.cuda.device(self.device), torch.no_grad(), self._autocast():
                 current = torch.cuda.current_stream()
                 side = torch.cuda.Stream()
                 side.wait_stream(current)
@@ -175,7 +143,11 @@ class CapturedHimNet:
         if tuple(x.shape) != tuple(self.static_x.shape):
             raise ValueError(f"x must have shape {tuple(self.static_x.shape)} (B, in_steps, N, input_dim) "
                              f"as captured, got {tuple(x.shape)}")
-        model._validate(x, y_cov, None, None)  # y_cov shape; time features when model.check_inputs
+        if tuple(y_cov.shape[2:]) != tuple(self.static_y_cov.shape[2:]) or y_cov.shape[1] < model.out_steps:
+            raise ValueError(f"y_cov must have shape (B={self.batch_size}, >= out_steps={model.out_steps}, "
+                             f"N={model.num_nodes}, {model.ycov_dim}), got {tuple(y_cov.shape)}")
+        if model.check_inputs:  # the time features, as the eager forward checks them (one host sync)
+            model.validate_inputs(x)
         self.static_x.copy_(x)
         self.static_y_cov.copy_(y_cov[:, :model.out_steps])
         self.replay()

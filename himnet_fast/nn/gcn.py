@@ -1,18 +1,23 @@
-"""HimGCN: adaptive graph convolution with meta-parameters (drop-in for the original)."""
+"""HimGCN: adaptive graph convolution with meta-parameters (drop-in for the original), and the
+generated linear map it applies."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_tensor
-from ..ops._common import cast, compute_dtype, needs_grad, no_autocast
-from ..ops.adaptive_propagate import AdaptiveGraph
-from ..ops.meta_linear import apply_generated, generate_weights, materialize_node_weights
+from ..ops._common import cast, compute_dtype, no_autocast
+from ..ops.gcru_cell import linear
+from ..ops.graph import AdaptiveGraph
+from ..ops.meta_linear import apply_meta_linear, generate_weights, materialize_node_weights
 
-Support = Union[torch.Tensor, AdaptiveGraph]
+Support = Union[Tensor, AdaptiveGraph]
+
+__all__ = ["HimGCN", "GeneratedLinear", "as_graph"]
 
 
 def as_graph(support: Support) -> AdaptiveGraph:
@@ -23,100 +28,109 @@ def as_graph(support: Support) -> AdaptiveGraph:
 
 
 class GeneratedLinear:
-    """The linear map of one HimGCN for a fixed query, built once and applied many times.
+    """``x -> x @ W + b`` for a fixed query: the linear map of one graph convolution, built once
+    per forward and applied at many steps, in one of the recurrent cell op's weight forms
+    (:data:`~himnet_fast.ops.gcru_cell.FORMS`).
 
-    "T"/plain weights are materialised ((B, I, O), (I, O): small), and so are "S" weights
-    (N, I, O) while they fit the dense budget; "ST" (and "S" on large graphs) keeps the query
-    and the pool and applies them through the backend's ``meta_linear``, so neither the
-    (B, N, I, O) nor a large (N, I, O) tensor is built. ``rows`` selects a subset of the input rows of the
-    weight (the part of a k-major ``cat(x, h)`` input that belongs to x or to h).
+    Build it with :meth:`from_pool` (HimNet's meta-parameters: "T" and "S" weights are
+    generated, on first use, from the pool; "ST" -- and "S" above the dense budget -- keep the
+    pool and the query and stream them through ``meta_linear``, so neither the (B, N, I, O) nor
+    a large (N, I, O) tensor is built), :meth:`plain` or :meth:`scaled`. :meth:`split` gives
+    the maps of the input and state rows of a k-major ``cat(x, h)`` input, each generated from
+    its slice of the pool: the whole (N, I, O) weight, and its zero-filled gradient, never exist.
     """
 
-    def __init__(self, gcn: "HimGCN", embeddings: Optional[torch.Tensor], backend: Optional[str],
-                 streamed: Optional[bool] = None):
-        self.axis = gcn.meta_axis
-        self.backend = backend
-        if self.axis is None:
-            self.weight, self.bias, self.query, self.streamed = gcn.weights, gcn.bias, None, False
-            return
-        gcn._check_query(embeddings)
-        self.query = embeddings
-        self.bias = embeddings @ gcn.bias_pool  # (B, O), (N, O) or (B, N, O)
-        if self.axis == "S" and streamed is not None:
-            # A GCRU's two maps must take the same form: its cell op receives one query for both.
-            self.streamed = bool(streamed)
+    def __init__(self, form: str, bias: Tensor, *, weight: Optional[Tensor] = None, pool: Optional[Tensor] = None,
+                 aux: Optional[Tensor] = None, backend: Optional[str] = None):
+        self.form, self.bias, self.pool, self.aux, self.backend = form, bias, pool, aux, backend
+        self._weight = weight
+
+    @classmethod
+    def from_pool(cls, pool: Tensor, bias_pool: Tensor, query: Tensor, axis: str, backend: Optional[str] = None,
+                  streamed: Optional[bool] = None) -> "GeneratedLinear":
+        """The map ``W = sum_d q_d P_d``, ``b = q @ Pb`` for pool (D, I, O), bias pool (D, O) and
+        query (B, D) "T" / (N, D) "S" / (B, N, D) "ST". ``streamed`` (axis "S" only) overrides
+        the budget's choice between building the (N, I, O) weights and streaming the pool."""
+        bias = query @ bias_pool  # (B, O), (N, O) or (B, N, O)
+        if axis == "S":
+            if streamed is None:
+                streamed = not materialize_node_weights(query.shape[0], pool)
+            form = "S-pooled" if streamed else "S"
         else:
-            self.streamed = self.axis == "ST" or (
-                self.axis == "S" and not materialize_node_weights(embeddings.shape[0], gcn.weights_pool))
-        if self.streamed:
-            self.weight = gcn.weights_pool
-        else:
-            # Generated on first use (__getattr__): a caller that splits the rows (the GCRU
-            # cell: input rows / state rows) generates each half from its pool slice and never
-            # builds the whole (N, I, O) weight, nor, in backward, its zero-filled gradient.
-            self.pool = gcn.weights_pool
+            form = axis
+        return cls(form, bias, pool=pool, aux=query, backend=backend)
 
-    def __getattr__(self, name):
-        # Only reached when ``name`` is not set: the lazily generated "T"/"S" weight.
-        if name == "weight" and self.__dict__.get("pool") is not None:
-            w = generate_weights(self.query, self.pool, self.axis)
-            self.__dict__["weight"] = w
-            return w
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    @classmethod
+    def plain(cls, weight: Tensor, bias: Tensor) -> "GeneratedLinear":
+        """A shared weight (I, O) and bias (O,)."""
+        return cls("plain", bias, weight=weight)
 
-    def select_rows(self, rows: torch.Tensor) -> "GeneratedLinear":
-        out = GeneratedLinear.__new__(GeneratedLinear)
-        out.__dict__.update(self.__dict__)
-        out.__dict__.pop("_splits", None)
-        if self.__dict__.get("pool") is not None and "weight" not in self.__dict__:
-            out.pool = self.pool.index_select(-2, rows)  # (D, rows, O): small
-        else:
-            out.weight = self.weight.index_select(-2, rows)
-        return out
+    @classmethod
+    def scaled(cls, weight: Tensor, bias: Tensor, scale: Tensor) -> "GeneratedLinear":
+        """``y = (x @ W) * scale + b``: a shared weight (I, O) scaled per node, scale (N, O)."""
+        return cls("scaled", bias, weight=weight, aux=scale)
 
-    def split_rows(self, rows_x: torch.Tensor, rows_h: torch.Tensor) -> tuple:
-        """``(select_rows(rows_x), select_rows(rows_h))``, cached on this object: a decoder
-        reuses one generated map for every step and must not copy its weight rows each time."""
-        key = (rows_x.data_ptr(), rows_x.numel(), rows_h.data_ptr(), rows_h.numel())
-        cache = self.__dict__.setdefault("_splits", {})
-        if key not in cache:
-            cache[key] = (self.select_rows(rows_x), self.select_rows(rows_h))
-        return cache[key]
+    @property
+    def streamed(self) -> bool:
+        """Whether the map streams a pool with its query ("ST", "S-pooled")."""
+        return self.form in ("ST", "S-pooled")
 
-    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        """y (B, [T,] N, O) + bias broadcast along the axes the query does not cover."""
+    @property
+    def weight(self) -> Tensor:
+        """The weight of the cell op's form: the generated (B, I, O) / (N, I, O) weight for "T" /
+        "S" (generated on first use), the pool for the pooled forms, else the shared weight."""
+        if self._weight is None:
+            self._weight = self.pool if self.streamed else generate_weights(self.aux, self.pool, self.form)
+        return self._weight
+
+    def _rows(self, t: Tensor, cheb_k: int, lo: int, hi: int, width: int) -> Tensor:
+        """Rows ``k * width + j`` for j in [lo, hi) of every k of t (..., cheb_k * width, O)."""
+        lead = t.shape[:-2]
+        return t.reshape(*lead, cheb_k, width, t.shape[-1])[..., lo:hi, :].reshape(*lead, -1, t.shape[-1])
+
+    def split(self, cheb_k: int, c: int) -> Tuple["GeneratedLinear", "GeneratedLinear"]:
+        """(the map of the input rows, the map of the state rows) of a k-major ``cat(x, h)``
+        input with x of width c: row ``k*(c+h) + j`` multiplies ``T_k x`` for ``j < c`` and
+        ``T_k h`` otherwise (``A cat(x, h) = cat(A x, A h)``)."""
+        src = self.pool if self._weight is None else self._weight
+        width = src.shape[-2] // cheb_k
+        halves = []
+        for lo, hi in ((0, c), (c, width)):
+            rows = self._rows(src, cheb_k, lo, hi, width)
+            if self._weight is None:
+                halves.append(GeneratedLinear(self.form, self.bias, pool=rows, aux=self.aux, backend=self.backend))
+            else:
+                halves.append(GeneratedLinear(self.form, self.bias, weight=rows, aux=self.aux, backend=self.backend))
+        return halves[0], halves[1]
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (B, N, I) or (B, T, N, I) -> x @ W without bias."""
+        w, aux = self.weight, self.aux
+        dt = compute_dtype(x.device, x, w, aux)
+        with no_autocast(x.device):
+            x, w, aux = cast(x, dt), cast(w, dt), cast(aux, dt)
+            if x.dim() == 3:
+                return linear(self.form, x, w, aux, self._pooled_product)
+            B, T, N, I = x.shape
+            if self.form == "T":  # one weight per sample, shared by the steps
+                return torch.bmm(x.reshape(B, T * N, I), w).reshape(B, T, N, -1)
+            if self.form == "ST":  # one query per (sample, node), shared by the steps
+                aux = aux.unsqueeze(1).expand(B, T, N, aux.shape[-1]).reshape(B * T, N, -1)
+            y = linear(self.form, x.reshape(B * T, N, I), w, aux, self._pooled_product)
+            return y.reshape(B, T, N, -1)
+
+    def _pooled_product(self, x: Tensor, q: Tensor, pool: Tensor) -> Tensor:
+        return apply_meta_linear(x, q, pool, None, "ST", self.backend)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (B, N, I) or (B, T, N, I) -> x @ W + b."""
+        y = self.matmul(x)
         b = self.bias
-        if self.axis == "T":
+        if self.form == "T":  # (B, O): one per sample, over the nodes (and steps)
             b = b.reshape(b.shape[0], *([1] * (y.dim() - 2)), b.shape[-1])
-        elif self.axis == "ST" and y.dim() == 4:
+        elif self.form == "ST" and y.dim() == 4:  # (B, N, O): the same at every step
             b = b.unsqueeze(1)
         return y + b
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, I) or (B, T, N, I) -> x @ W without bias."""
-        lead = x.shape[:-1]
-        if self.axis is None:
-            return x @ self.weight
-        if self.axis == "T":
-            y = apply_generated(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight, "T")
-        elif not self.streamed:
-            y = apply_generated(x.reshape(-1, x.shape[-2], x.shape[-1]), self.weight, "S")
-        else:
-            q = self.query
-            if self.axis == "ST" and x.dim() == 4:  # one query per (sample, node), shared by the T steps
-                q = q.unsqueeze(1).expand(*lead, q.shape[-1])
-            x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
-            q3 = q if self.axis == "S" else q.reshape(-1, q.shape[-2], q.shape[-1])
-            _, impl = _backend.resolve("meta_linear", self.backend, x.device,
-                                       needs_grad(x3, q3, self.weight))
-            # Backends take one dtype: under autocast the fp32 pool meets bf16/fp16 activations.
-            dt = compute_dtype(x.device, x3, q3, self.weight)
-            with no_autocast(x.device):
-                y = impl.fn(cast(x3, dt), cast(q3, dt), cast(self.weight, dt), None, self.axis)
-        return y.reshape(*lead, y.shape[-1])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_bias(self.matmul(x))
 
 
 class HimGCN(nn.Module):
@@ -134,7 +148,7 @@ class HimGCN(nn.Module):
         self.cheb_k = check_cheb_k(cheb_k)
         self.embed_dim = embed_dim
         self.meta_axis = check_axis(meta_axis) if meta_axis else None
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         # Same creation order and initialisation as the original, so a seed gives equal weights.
         if meta_axis:
             self.weights_pool = nn.init.xavier_normal_(
@@ -151,15 +165,19 @@ class HimGCN(nn.Module):
             raise ValueError(f"embeddings has {q.shape[-1]} columns (shape {tuple(q.shape)}), "
                              f"expected embed_dim={self.embed_dim} for meta_axis {self.meta_axis!r}")
 
-    def generate(self, embeddings: Optional[torch.Tensor], streamed: Optional[bool] = None) -> GeneratedLinear:
+    def generate(self, embeddings: Optional[Tensor], streamed: Optional[bool] = None) -> GeneratedLinear:
         """Build the generated linear map for ``embeddings`` once, to apply at many steps.
 
         ``streamed`` (axis "S" only) overrides the budget's choice between building the (N, I, O)
         weights and streaming them from the pool; None lets the budget decide."""
-        return GeneratedLinear(self, embeddings, self.backend, streamed)
+        if self.meta_axis is None:
+            return GeneratedLinear.plain(self.weights, self.bias)
+        self._check_query(embeddings)
+        return GeneratedLinear.from_pool(self.weights_pool, self.bias_pool, embeddings, self.meta_axis, self.backend,
+                                         streamed)
 
-    def forward(self, x: torch.Tensor, support: Support, embeddings: Optional[torch.Tensor] = None,
-                linear: Optional[GeneratedLinear] = None) -> torch.Tensor:
+    def forward(self, x: Tensor, support: Support, embeddings: Optional[Tensor] = None,
+                linear: Optional[GeneratedLinear] = None) -> Tensor:
         """x (B, N, input_dim) -> (B, N, output_dim).
 
         embeddings: (B, D) for "T", (N, D) for "S", (B, N, D) for "ST", ignored without axis.

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from .. import _backend
 from .._checks import check_tensor
-from ..ops.adaptive_propagate import AdaptiveGraph
+from ..ops.graph import AdaptiveGraph
+from ..ops.partitioned_adaptive import check_partition_options
 from .gcru import HimDecoder, HimEncoder
 
 
@@ -30,15 +31,19 @@ class HimNet(nn.Module):
     * ``backend``: None/"auto", "torch", "triton" or "cuda" for every op.
     * ``dense_graph``: True/False forces/forbids materialising the adaptive graphs; None
       decides by size (see :class:`~himnet_fast.ops.AdaptiveGraph`).
-    * ``check_inputs``: validate time features on every call (one host sync); on by default.
+    * ``check_inputs``: validate the time features on every eager call (:meth:`validate_inputs`,
+      one host synchronisation); on by default. Where a step must not synchronise -- inside
+      ``torch.compile``, during CUDA-graph capture, and in the trainer, which validates its data
+      where the batches are made -- the check is skipped; out-of-range indices are clamped
+      then, so a bad value can never become a device-side assert.
     * ``in_steps``: when set, ``x`` must have exactly this many steps (the history the model
       was trained on; a shorter window would silently give a different forecast). None (the
       default, as the original) accepts any length. :meth:`from_checkpoint` and the trainer
       set it to 12.
     * ``partition``: a :class:`~himnet_fast.sba.Partition` of the N nodes (from
-      ``himnet_fast.sba.partition_graph``) makes both adaptive graphs (the encoders' and the
+      ``himnet_fast.partition.partition_graph``) makes both adaptive graphs (the encoders' and the
       decoder's per-sample one) partitioned: ``softmax(relu(E Eᵀ))`` inside each part plus
-      pooled inter-part terms (:mod:`himnet_fast.sba.adaptive`, docs/sba.md), O(N·(M+P)) per
+      pooled inter-part terms (:mod:`himnet_fast.ops.partitioned_adaptive`, docs/sba.md), O(N·(M+P)) per
       product instead of O(N²). Torch backend only; not in the ``state_dict``. None (default)
       is the exact graph of the original.
 
@@ -55,8 +60,6 @@ class HimNet(nn.Module):
                  in_steps: Optional[int] = None, partition=None):
         super().__init__()
         if partition is not None:
-            from ..sba.adaptive import check_partition_options
-
             check_partition_options(partition, num_nodes, dense_graph, backend, "dense_graph")
         self.partition = partition
         if in_steps is not None and (not isinstance(in_steps, int) or in_steps < 1):
@@ -78,7 +81,7 @@ class HimNet(nn.Module):
         self.dow_embedding_dim = dow_embedding_dim
         self.tf_decay_steps = tf_decay_steps
         self.use_teacher_forcing = use_teacher_forcing
-        self.backend = _backend.normalize_backend(backend) if backend is not None else None
+        self.backend = _backend.check_backend_arg(backend)
         self.dense_graph = dense_graph
         self.check_inputs = check_inputs
 
@@ -112,8 +115,8 @@ class HimNet(nn.Module):
         >>> model = HimNet.from_checkpoint("runs/LOSLOOP/best.pt")          # doctest: +SKIP
         >>> y = to_forecast(model(x, y_cov), x, model.scaler, model.checkpoint_info["residual"])  # doctest: +SKIP
         """
+        from .. import checkpoint as ckpt
         from ..data.series import StandardScaler
-        from ..training import checkpoint as ckpt
 
         state = ckpt.load(path, map_location=map_location)
         if ckpt.is_training_checkpoint(state):
@@ -143,7 +146,8 @@ class HimNet(nn.Module):
     def compute_sampling_threshold(self, batches_seen):
         return self.tf_decay_steps / (self.tf_decay_steps + np.exp(batches_seen / self.tf_decay_steps))
 
-    def _validate(self, x, y_cov, labels, batches_seen):
+    def _check_shapes(self, x, y_cov, labels, batches_seen, teacher_forcing=None) -> None:
+        """Shapes and required arguments: host metadata only, no synchronisation."""
         _check_4d("x", x, None, 1, self.num_nodes, self.input_dim, "T")
         if self.in_steps is not None and x.shape[1] != self.in_steps:
             raise ValueError(f"x must have in_steps={self.in_steps} time steps (the history this model was trained "
@@ -156,37 +160,84 @@ class HimNet(nn.Module):
                 raise ValueError("labels are required in training mode with use_teacher_forcing=True "
                                  f"(shape (B={B}, out_steps={self.out_steps}, N={self.num_nodes}, "
                                  f"{self.output_dim}))")
-            if batches_seen is None:
-                raise ValueError("batches_seen is required in training mode with use_teacher_forcing=True")
+            if batches_seen is None and teacher_forcing is None:
+                raise ValueError("batches_seen (or teacher_forcing) is required in training mode with "
+                                 "use_teacher_forcing=True")
         if labels is not None:
             _check_4d("labels", labels, B, self.out_steps, self.num_nodes, self.output_dim, "out_steps")
-        if self.check_inputs and B > 0:
-            # The embeddings index with (tod * 288).long() and dow.long(): an out-of-range value
-            # would be an IndexError on CPU and a device-side assert on a GPU. NaN fails too.
-            tod, dow = x[:, -1, 0, 1], x[:, -1, 0, 2]
-            bad_tod = ~((tod >= 0) & (tod < 1))
-            bad_dow = ~((dow >= 0) & (dow < 7))
-            flags = torch.stack([bad_tod.any(), bad_dow.any()]).tolist()
-            if flags[0]:
-                raise ValueError("x[..., 1] (time of day) must be a fraction of the day in [0, 1); got "
-                                 f"{tod[bad_tod][:4].tolist()} at the last step of node 0")
-            if flags[1]:
-                raise ValueError("x[..., 2] (day of week) must be in 0..6; got "
-                                 f"{dow[bad_dow][:4].tolist()} at the last step of node 0")
+        if teacher_forcing is not None:
+            if not isinstance(teacher_forcing, torch.Tensor) or teacher_forcing.dtype != torch.bool \
+                    or tuple(teacher_forcing.shape) != (self.out_steps,):
+                raise ValueError(f"teacher_forcing must be a bool tensor of shape (out_steps={self.out_steps},) "
+                                 f"(from model.teacher_forcing_mask), got "
+                                 f"{getattr(teacher_forcing, 'dtype', type(teacher_forcing).__name__)} "
+                                 f"{tuple(getattr(teacher_forcing, 'shape', ()))}")
+
+    def validate_inputs(self, x, y_cov=None, labels=None) -> None:
+        """Raise ValueError for inputs the forward would reject or mis-read: shapes, and the time
+        features (time of day in [0, 1), day of week in 0..6, no NaN) of the last input step of
+        node 0, which index the embeddings. One host synchronisation: call it where the batch
+        is made, not inside a step that must stay on the device."""
+        _check_4d("x", x, None, 1, self.num_nodes, self.input_dim, "T")
+        if y_cov is not None:
+            _check_4d("y_cov", y_cov, x.shape[0], self.out_steps, self.num_nodes, self.ycov_dim, "out_steps")
+        if labels is not None:
+            _check_4d("labels", labels, x.shape[0], self.out_steps, self.num_nodes, self.output_dim, "out_steps")
+        if x.shape[0] == 0:
+            return
+        tod, dow = x[:, -1, 0, 1], x[:, -1, 0, 2]
+        bad_tod = ~((tod >= 0) & (tod < 1))
+        bad_dow = ~((dow >= 0) & (dow < 7))
+        flags = torch.stack([bad_tod.any(), bad_dow.any()]).tolist()
+        if flags[0]:
+            raise ValueError("x[..., 1] (time of day) must be a fraction of the day in [0, 1); got "
+                             f"{tod[bad_tod][:4].tolist()} at the last step of node 0")
+        if flags[1]:
+            raise ValueError("x[..., 2] (day of week) must be in 0..6; got "
+                             f"{dow[bad_dow][:4].tolist()} at the last step of node 0")
+
+    def teacher_forcing_mask(self, batches_seen: int, device=None) -> torch.Tensor:
+        """(out_steps,) bool: the decoder steps whose next input is the label, not the forecast.
+
+        The coins come from numpy's global RNG, one per step, compared with
+        ``tf_decay_steps / (tf_decay_steps + exp(batches_seen / tf_decay_steps))``: the draws the
+        original makes one after each decoder step, made here all at once before the decoder
+        runs (nothing else draws in between, so they are the same numbers in the same order).
+        On a GPU the mask is copied from pinned memory without blocking: no synchronisation."""
+        coins = np.random.uniform(0, 1, size=self.out_steps)  # the global numpy RNG, as the original
+        mask = torch.from_numpy(coins < self.compute_sampling_threshold(batches_seen))
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda":
+            return mask.pin_memory().to(device, non_blocking=True)
+        return mask.to(device)
 
     def time_embedding(self, x):
         """(B, tod_dim + dow_dim) from the last input step of node 0, as the original."""
         tod, dow = x[:, -1, 0, 1], x[:, -1, 0, 2]
-        return torch.cat([self.tod_embedding((tod * 288).long()), self.dow_embedding(dow.long())], dim=-1)
+        # Clamped: an unchecked out-of-range value (check_inputs off) must not become a device-side
+        # assert; valid values are unchanged.
+        tod_i = (tod * 288).long().clamp(0, self.tod_embedding.num_embeddings - 1)
+        dow_i = dow.long().clamp(0, self.dow_embedding.num_embeddings - 1)
+        return torch.cat([self.tod_embedding(tod_i), self.dow_embedding(dow_i)], dim=-1)
 
-    def forward(self, x, y_cov, labels=None, batches_seen=None):
+    def forward(self, x, y_cov, labels=None, batches_seen=None, *, teacher_forcing=None):
         """x (B, T, N, input_dim), y_cov (B, out_steps, N, ycov_dim),
-        labels (B, out_steps, N, output_dim) -> (B, out_steps, N, output_dim)."""
+        labels (B, out_steps, N, output_dim) -> (B, out_steps, N, output_dim).
+
+        In training mode with teacher forcing, the decoder's coins are drawn from numpy's
+        global RNG before it runs (:meth:`teacher_forcing_mask`, from ``batches_seen``), or
+        given as ``teacher_forcing`` (that mask, on the device: what a captured or compiled
+        step passes, since it cannot draw on the host)."""
         pdtype = self.out_proj.weight.dtype
         if pdtype != torch.float64:  # numpy arrays arrive as float64: cast rather than fail deep in a matmul
             x, y_cov, labels = (t.to(pdtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t
                                 for t in (x, y_cov, labels))
-        self._validate(x, y_cov, labels, batches_seen)
+        self._check_shapes(x, y_cov, labels, batches_seen, teacher_forcing)
+        if self.check_inputs and not _on_device_only():
+            self.validate_inputs(x)
+        teacher = self.training and self.use_teacher_forcing
+        if teacher and teacher_forcing is None:
+            teacher_forcing = self.teacher_forcing_mask(batches_seen, x.device)
         t_emb = self.time_embedding(x)
 
         graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend,
@@ -198,20 +249,24 @@ class HimNet(nn.Module):
         h_last = last_s[-1] + last_t[-1]
 
         st_embedding = self.st_proj(h_last)
+        weights = self.decoder.weights(st_embedding, h_last)  # once per forward, not per step
         graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend,
-                                 partition=self.partition)
-        linears = self.decoder.generate(st_embedding)  # once per forward, not per step
+                                 partition=self.partition).cast(weights[0].wgh.dtype)
 
         ht_list = [h_last] * self.num_layers
         go = h_last.new_zeros(x.shape[0], self.num_nodes, self.output_dim)
         out = []
         for t in range(self.out_steps):
             xt = torch.cat([go, y_cov[:, t].to(go.dtype)], dim=-1)
-            h_de, ht_list = self.decoder(xt, ht_list, graph_st, st_embedding, linears=linears)
+            h_de, ht_list = self.decoder(xt, ht_list, graph_st, st_embedding, weights=weights)
             go = self.out_proj(h_de)
             out.append(go)
-            if self.training and self.use_teacher_forcing:
-                c = np.random.uniform(0, 1)  # the global numpy RNG, one draw per step (as the original)
-                if c < self.compute_sampling_threshold(batches_seen):
-                    go = labels[:, t].to(go.dtype)
+            if teacher:  # the label replaces the forecast as the next input on the drawn steps
+                go = torch.where(teacher_forcing[t], labels[:, t].to(go.dtype), go)
         return torch.stack(out, dim=1)
+
+
+def _on_device_only() -> bool:
+    """Whether the code runs where it must not synchronise with the host: traced by
+    ``torch.compile`` or recorded into a CUDA graph."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

@@ -1,4 +1,4 @@
-"""Helpers shared by the op front-ends: autocast handling and memory budgets."""
+"""Helpers shared by the ops: dtypes under autocast, memory budgets, the CPU heap."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,7 @@ import ctypes
 import os
 
 import torch
+
 
 # Extra memory one chunk of a streamed torch computation may take. The torch backend splits
 # row-wise work into chunks no larger than this, so peak memory does not grow with B*N.
@@ -56,6 +57,21 @@ def no_autocast(device: torch.device):
 
 def cast(t, dtype):
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def custom_op(name: str):
+    """Decorator: register ``fn`` as the PyTorch custom op ``himnet_fast::<name>`` (schema from
+    its annotations, no input mutated), for every device.
+
+    Meta tensors run ``fn`` itself rather than the op's fake: the implementations are shape
+    generic, and ahead-of-time compilation (:mod:`himnet_fast.aot`) drives the real Triton
+    launchers with meta tensors. Fake tensors (``torch.compile``, ``opcheck``) use the fake the
+    op module registers."""
+    def wrap(fn):
+        op = torch.library.custom_op(f"himnet_fast::{name}", fn, mutates_args=())
+        op.register_kernel("meta")(fn)
+        return op
+    return wrap
 
 
 def needs_grad(*tensors) -> bool:
@@ -129,26 +145,3 @@ def release_cpu_heap(device: torch.device) -> bool:
         return False
     trim(0)
     return True
-
-
-class GradSink(torch.autograd.Function):
-    """Identity on a tensor whose backward returns the gradient that other ops accumulated in
-    ``acc.buf`` in place (plus any gradient reaching the identity itself), then clears it.
-
-    Used where many ops share one large input (a per-node weight across the steps of a
-    sequence, a dense graph across its products) and each adds its part of the gradient into
-    one buffer instead of returning a tensor of the input's size: autograd runs this backward
-    after every consumer of its output, so the sum is complete and handed on once."""
-
-    @staticmethod
-    def forward(ctx, t, acc):
-        ctx.acc = acc
-        ctx.set_materialize_grads(False)
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        buf, ctx.acc.buf = ctx.acc.buf, None
-        if g is not None:
-            buf = g if buf is None else buf.add_(g)
-        return buf, None

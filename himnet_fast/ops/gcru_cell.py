@@ -1,4 +1,4 @@
-"""One whole HimGCRU step as a single autograd op that recomputes its intermediates in backward.
+"""One whole HimGCRU step as a single registered op that recomputes its intermediates in backward.
 
 The cell (docs/spec.md, "Recurrent cell"), with the input propagated once outside
 (``zx = cat_k(T_k x)``, (B, N, K*C): it does not depend on the state)::
@@ -12,277 +12,348 @@ input and the state, so this is the original step exactly, reassociated.)
 
 Why an op: run through plain autograd, every step of a 24-step sequence keeps its propagated
 state, gate activations, the Khatri-Rao operands of the "ST" meta-linear, ... alive until
-backward (about 10 tensors of B*N*H per step and cell). :class:`_GCRUCellRecompute` saves only
+backward (about 10 tensors of B*N*H per step and cell). ``himnet_fast::gcru_cell`` saves only
 its inputs -- ``h``, ``zx`` (a view of one per-sequence tensor of width K*C, small), the graph
-tensor, the weights, biases and query, all of which exist anyway -- and reruns the step under
-autograd in backward, one step at a time (activation checkpointing by hand). Saved memory per
-step is the new state, O(B*N*H); the cost is one extra forward per step in backward.
+tensor, the weights, biases and query, all of which exist anyway -- and its backward
+(``himnet_fast::gcru_cell_backward``) reruns the step and applies the step's derivative by
+hand, one step at a time (activation checkpointing without autograd). Saved memory per step
+is the new state, O(B*N*H); the cost is one extra forward per step in backward. As a custom op
+with a fake, the step is one node to ``torch.compile`` and one recorded piece of a CUDA graph.
 
-The weights are inputs, not rebuilt per step: for axis "S" the caller generates the per-node
-weights ``W_s = E @ pool`` (N, I, O) once per sequence, so autograd sums their gradient across
-the steps and pushes it into the pool once per sequence, not once per step.
+The weights are inputs, not rebuilt per step, in one of these forms (:data:`FORMS`):
 
-The recompute runs the registered ops (``adaptive_matmul``, ``meta_linear``, ``gcru_gate``,
-``gcru_update``) with the caller's backend, so the same Function serves the torch backend and
-composes the Triton/CUDA kernels where those are picked.
+=========  ========================  ============  ==========================
+form       weight (rows, O)          aux           bias
+=========  ========================  ============  ==========================
+plain      (rows, O)                 --            (O,)
+T          (B, rows, O)              --            (B, O)
+S          (N, rows, O)              --            (N, O)
+S-pooled   pool (D, rows, O)         query (N, D)  (N, O)
+ST         pool (D, rows, O)         query (B, N, D)  (B, N, O)
+scaled     (rows, O)                 scale (N, O)  (O,)   ``y = (x @ W) * scale``
+=========  ========================  ============  ==========================
+
+For "S" the caller generates the per-node weights ``W_s = E @ pool`` once per sequence, so
+autograd sums their gradient across the steps and pushes it into the pool once per sequence.
+
+The step's pieces are the library's ops run without autograd: the graph products
+(:class:`~himnet_fast.ops.graph.GraphProducts`: dense matmuls, ``adaptive_matmul``,
+``partitioned_adaptive_matmul``), ``meta_linear`` for the pooled forms, ``gcru_gate`` and
+``gcru_update``, each through the backend the caller chose, so the same op serves the torch
+backend and composes the Triton kernels where those are picked. :func:`cell_math` is the
+step written once; with ``recompute=False`` (or without gradients) the caller runs the same
+function on the autograd ops instead.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
-from ._common import (GradSink, autocast_dtype, cast, compute_dtype, needs_grad, no_autocast,
-                      release_cpu_heap)
-from .adaptive_propagate import AdaptiveGraph
-from .gcru import gcru_gate, gcru_update
-from .meta_linear import apply_generated
+from ..partition import PartitionLayout
+from ._common import cast, compute_dtype, custom_op, needs_grad, no_autocast, release_cpu_heap
+from .gcru import apply_gate, apply_update
+from .graph import AdaptiveGraph, GraphProducts
+from .meta_linear import apply_meta_linear
 
-__all__ = ["gcru_cell"]
+__all__ = ["gcru_cell", "gcru_sequence", "CellWeights", "FORMS", "linear", "add_bias"]
 
-
-# Largest Khatri-Rao block (rows, d*I) one GEMM of :class:`_PoolLinear` builds.
-_KR_BLOCK_BYTES = 4 << 20
-
-
-def _pool_chunks(x: torch.Tensor, num_d: int):
-    """Slices of the pool axis whose Khatri-Rao block (rows, len*I) stays within
-    ``_KR_BLOCK_BYTES`` (one d at least)."""
-    rows = max(1, x.numel() // max(1, x.shape[-1]))
-    step = max(1, min(num_d, _KR_BLOCK_BYTES // max(1, rows * x.shape[-1] * x.element_size())))
-    return [slice(d, min(d + step, num_d)) for d in range(0, num_d, step)]
+FORMS = ("plain", "T", "S", "S-pooled", "ST", "scaled")
+_POOLED = ("S-pooled", "ST")
 
 
-def _kr_block(x: torch.Tensor, q: torch.Tensor, sl: slice) -> torch.Tensor:
-    """(B, N, len(sl)*I): ``q[..., d] * x`` for d in ``sl``, d-major (q (B, N, D) or (N, D))."""
-    qs = q[..., sl, None]
-    return (x.unsqueeze(-2) * qs).flatten(-2)
+class CellWeights(NamedTuple):
+    """The weights of one cell in one form (module docstring): the input rows ``wgx``/``wux``
+    and state rows ``wgh``/``wuh`` of the gate and candidate maps, their biases, and the
+    per-map ``aux`` (the query of the pooled forms, the same tensor for both maps; the
+    per-node scale of "scaled")."""
+
+    form: str
+    wgx: Tensor
+    wgh: Tensor
+    bg: Tensor
+    wux: Tensor
+    wuh: Tensor
+    bu: Tensor
+    aux_g: Optional[Tensor] = None
+    aux_u: Optional[Tensor] = None
+
+    def tensors(self) -> tuple:
+        return (self.wgx, self.wgh, self.bg, self.wux, self.wuh, self.bu, self.aux_g, self.aux_u)
 
 
-class _PoolLinear(torch.autograd.Function):
-    """``y = sum_d q[..., d] * (x @ P[d])`` for x (B, N, I), q (B, N, D) or (N, D), P (D, I, O):
-    the pooled meta-linear as a few Khatri-Rao GEMMs accumulated in place, over slices of the
-    pool axis whose (rows, d*I) block stays within ``_KR_BLOCK_BYTES`` (4 MiB). Same FLOPs as
-    the whole Khatri-Rao form of ``meta_linear``, whose one (rows, D*I) block is 29 MB per call
-    at PEMS07 B=4: inside a recurrent loop such large short-lived blocks fragment the CPU heap
-    and show up as resident memory. Small blocks still give narrow inputs (the K*C input rows
-    of a GCRU, I = 6) one GEMM for all D instead of D GEMMs of inner size 6. Saves x, q, P.
+# --------------------------------------------------------------------------- the step, once
 
-    Backward is two GEMMs per slice, not three: with ``G = dy @ P[sl]ᵀ`` (B, N, d, I),
-    ``dx = sum_d q_d G_d`` and ``dq_d = sum_i x * G_d`` (the same contraction as
-    ``sum_o (x @ P[d]) * dy``, reassociated), so ``x @ P[d]`` is never recomputed; the other
-    GEMM is ``dP[sl] = KR(x, q[sl])ᵀ dy``."""
-
-    @staticmethod
-    def forward(ctx, x, q, pool):
-        # Sums over d accumulate in fp32 (or fp64) even for bf16/fp16 inputs, as one GEMM would.
-        acc = torch.promote_types(x.dtype, torch.float32)
-        num_d, i, o = pool.shape
-        y = torch.zeros(*x.shape[:-1], o, dtype=acc, device=x.device)
-        for sl in _pool_chunks(x, num_d):
-            y.add_(torch.matmul(_kr_block(x, q, sl), pool[sl].reshape(-1, o)))
-        ctx.save_for_backward(x, q, pool)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, q, pool = ctx.saved_tensors
-        need_x, need_q, need_p = ctx.needs_input_grad
-        acc = torch.promote_types(x.dtype, torch.float32)
-        num_d, i, o = pool.shape
-        dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-        dq = torch.empty_like(q) if need_q else None
-        dp = torch.empty_like(pool) if need_p else None
-        dy = dy.to(x.dtype)
-        dy2 = dy.reshape(-1, o)
-        for sl in _pool_chunks(x, num_d):
-            p2 = pool[sl].reshape(-1, o)  # (d*I, O)
-            if need_x or need_q:
-                g = torch.matmul(dy, p2.t()).unflatten(-1, (-1, i))  # (B, N, d, I)
-                if need_x:
-                    dx.add_(torch.matmul(q[..., sl].unsqueeze(-2).to(g.dtype), g).squeeze(-2))
-                if need_q:
-                    s = (g.to(acc) * x.unsqueeze(-2)).sum(-1)  # (B, N, d)
-                    dq[..., sl] = s if q.dim() == x.dim() else s.sum(0)
-            if need_p:
-                kr = _kr_block(x, q, sl).reshape(-1, p2.shape[0])
-                torch.mm(kr.t(), dy2, out=dp[sl].view(-1, o))
-        return (dx.to(x.dtype) if need_x else None), dq, dp
+def _pooled_query(form: str, aux: Tensor, x: Tensor) -> Tensor:
+    """The pooled forms run meta_linear's "ST" path: a per-node query is broadcast over the
+    batch (a stride-0 view, no copy), so "S-pooled" streams like "ST" whatever the budget
+    says for the state-row slice alone."""
+    return aux if form == "ST" else aux.expand(x.shape[0], *aux.shape)
 
 
-class NodeWeightGrad:
-    """One gradient buffer for a per-node weight (N, I, O) shared by the steps of a sequence.
-
-    Plain autograd gives every step its own (N, I, O) weight gradient and then adds it to the
-    running sum: two such tensors live at once (58 MB each for the PEMS07 gate). With this
-    buffer, each step's backward adds ``x_nᵀ dy_n`` into it in place (``_NodeLinearAcc``) and
-    the step op returns no weight gradient; :func:`sink_node_weight` hands the sum to autograd
-    once, after the last step's backward."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self):
-        self.buf = None
-
-
-def sink_node_weight(w: torch.Tensor):
-    """(w for the steps, its accumulator): see :class:`NodeWeightGrad`."""
-    acc = NodeWeightGrad()
-    return GradSink.apply(w, acc), acc
+def linear(form: str, x: Tensor, w: Tensor, aux: Optional[Tensor], pooled) -> Tensor:
+    """``x @ W`` (no bias) for x (B, N, I) in ``form``; ``pooled(x, q, pool)`` is the pooled
+    product (the autograd op, or a backend's forward inside the cell op)."""
+    if form == "plain":
+        return x @ w
+    if form == "T":
+        return torch.bmm(x, w)
+    if form == "S":
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
+    if form == "scaled":
+        return (x @ w) * aux
+    return pooled(x, _pooled_query(form, aux, x), w)
 
 
-class _NodeLinearAcc(torch.autograd.Function):
-    """Per-node ``y[:, n] = x[:, n] @ W[n]`` (x (B, N, I), W (N, I, O)) whose weight gradient
-    goes into ``acc.buf`` in place; returns None for W."""
+def add_bias(form: str, y: Tensor, bias: Tensor) -> Tensor:
+    """y (B, N, O) + bias: (O,), (B, O) for "T", (N, O) for "S"/"S-pooled", (B, N, O) for "ST"."""
+    return y + (bias[:, None, :] if form == "T" else bias)
 
-    @staticmethod
-    def forward(ctx, x, w, acc):
-        # x arrives in the compute dtype (autocast's, if on); the gradient buffer stays in the
-        # weight's own dtype, as autograd would hand it to the weight.
-        ctx.acc = acc
-        ctx.save_for_backward(x, w)
-        return torch.bmm(x.transpose(0, 1), w.to(x.dtype)).transpose(0, 1)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dyt = dy.transpose(0, 1)                 # (N, B, O)
-        xt = x.transpose(0, 1).transpose(1, 2)   # (N, I, B)
-        if ctx.acc.buf is None:
-            ctx.acc.buf = torch.bmm(xt, dyt).to(w.dtype)
+def cell_math(h: Tensor, zx: Tensor, w: CellWeights, cheb_k: int, terms, pooled, gate, update,
+              record: Optional[dict] = None) -> Tensor:
+    """The step (module docstring) from its pieces: ``terms(v, K)`` the K propagation terms,
+    ``pooled`` the pooled product, ``gate(pre, h) -> (z * h, r)``, ``update(pre_c, r, h)``.
+    ``record`` receives the intermediates the backward needs."""
+    ph = torch.cat(terms(h, cheb_k), dim=-1)
+    pre_g = add_bias(w.form, linear(w.form, zx, w.wgx, w.aux_g, pooled) + linear(w.form, ph, w.wgh, w.aux_g, pooled),
+                     w.bg)
+    zh, r = gate(pre_g, h)
+    pz = torch.cat(terms(zh, cheb_k), dim=-1)
+    pre_u = add_bias(w.form, linear(w.form, zx, w.wux, w.aux_u, pooled) + linear(w.form, pz, w.wuh, w.aux_u, pooled),
+                     w.bu)
+    if record is not None:
+        record.update(ph=ph, pre_g=pre_g, zh=zh, r=r, pz=pz, pre_u=pre_u)
+    return update(pre_u, r, h)
+
+
+# --------------------------------------------------------------------------- without autograd
+
+class _Pieces:
+    """The step's pieces as the backends' forward/backward functions (no autograd)."""
+
+    def __init__(self, g: Tensor, mode: str, layout: Sequence[Tensor], backend: Optional[str], device):
+        self.products = GraphProducts(mode, g, _layout_or_none(layout), backend, True)
+        self.ml = _backend.impl("meta_linear", _backend.resolve("meta_linear", backend, device, True))
+        self.gate = _backend.impl("gcru_gate", _backend.resolve("gcru_gate", backend, device, True))
+        self.update = _backend.impl("gcru_update", _backend.resolve("gcru_update", backend, device, True))
+        self.saved: List[list] = []
+
+    def terms(self, v: Tensor, cheb_k: int) -> List[Tensor]:
+        z, saved = self.products.terms(v, cheb_k)
+        self.saved.append(saved)
+        return z
+
+    def pooled(self, x: Tensor, q: Tensor, pool: Tensor) -> Tensor:
+        return self.ml.forward(x, q, pool, None, "ST")
+
+    def linear_backward(self, form: str, dy: Tensor, x: Tensor, w: Tensor, aux: Optional[Tensor],
+                        need_x: bool, need_w: bool, need_aux: bool):
+        """(dx, dW, daux) of :func:`linear`, each None when not needed."""
+        dx = dw = daux = None
+        if form == "plain":
+            dx = dy.matmul(w.t()) if need_x else None
+            dw = x.reshape(-1, x.shape[-1]).t().mm(dy.reshape(-1, dy.shape[-1])) if need_w else None
+        elif form == "T":
+            dx = torch.bmm(dy, w.transpose(1, 2)) if need_x else None
+            dw = torch.bmm(x.transpose(1, 2), dy) if need_w else None
+        elif form == "S":
+            dyt = dy.transpose(0, 1)
+            dx = torch.bmm(dyt, w.transpose(1, 2)).transpose(0, 1) if need_x else None
+            dw = torch.bmm(x.transpose(0, 1).transpose(1, 2), dyt) if need_w else None
+        elif form == "scaled":
+            t = dy * aux
+            dx = t.matmul(w.t()) if need_x else None
+            dw = x.reshape(-1, x.shape[-1]).t().mm(t.reshape(-1, t.shape[-1])) if need_w else None
+            daux = (dy * (x @ w)).sum(0) if need_aux else None
         else:
-            ctx.acc.buf.baddbmm_(xt.to(w.dtype), dyt.to(w.dtype))
-        dx = torch.bmm(dyt, w.to(x.dtype).transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        return dx, None, None
+            q = _pooled_query(form, aux, x)
+            dx, dq, dw, _ = self.ml.backward(dy, x, q, w, None, "ST", (need_x, need_aux, need_w, False))
+            if dq is not None:
+                daux = dq if form == "ST" else dq.sum(0)
+        return dx, dw, daux
 
 
-def _matmul(axis, weight, query, backend, x):
-    """``x @ W`` without bias for the weight forms of :func:`gcru_cell`: plain (I, O), "T"
-    (B, I, O), "S" (N, I, O), or a pool (D, I, O) with a query ("ST", streamed "S")."""
-    if query is None:
-        return apply_generated(x, weight, axis or "")
-    name, _ = _backend.resolve("meta_linear", backend, x.device, needs_grad(x, query, weight))
-    # D accumulated GEMMs on CPU only (their reason is the CPU heap, below). On CUDA they are
-    # D small launches per call and direction; a whole H100 training step took 249 ms after
-    # they came in (with recompute) against 91 ms before (bench/results/gpu-h100/after-gcru-cell/;
-    # how much of that is theirs is not measured).
-    if name == "torch" and x.device.type == "cpu":
-        # Like the op front-ends: one compute dtype (autocast's, if on) and no autocast inside.
-        dt = compute_dtype(x.device, x, query, weight)
-        with no_autocast(x.device):
-            return _PoolLinear.apply(cast(x, dt), cast(query, dt), cast(weight, dt))
-    from .meta_linear import meta_linear
-
-    return meta_linear(x, query, weight, None, axis, backend=backend)
+def _layout_or_none(layout: Sequence[Tensor]) -> Optional[PartitionLayout]:
+    return PartitionLayout(*layout) if len(layout) else None
 
 
-def _add_bias(axis, y, bias):
-    """bias (O,), (B, O) for "T", (N, O) for "S", (B, N, O) for "ST" onto y (B, N, O)."""
-    return y + (bias[:, None, :] if axis == "T" else bias)
+def _bias_grad(form: str, dy: Tensor) -> Tensor:
+    """The gradient of :func:`add_bias`'s bias: dy summed over the dimensions it broadcasts on."""
+    if form in ("plain", "scaled"):
+        return dy.sum((0, 1))
+    if form == "T":
+        return dy.sum(1)
+    if form in ("S", "S-pooled"):
+        return dy.sum(0)
+    return dy
 
 
-def _graph_tensor(graph: AdaptiveGraph) -> torch.Tensor:
-    return graph.matrix if graph.dense else graph.embedding
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else (a if b is None else a + b)
 
 
-def _rebuild_graph(graph: AdaptiveGraph, t) -> AdaptiveGraph:
-    """``graph`` with its tensor swapped for ``t`` (a detached copy in backward)."""
-    g = AdaptiveGraph.__new__(AdaptiveGraph)
-    g.__dict__.update(graph.__dict__)
-    if graph.dense:
-        g.matrix = t
-    else:
-        g.embedding = t
-    return g
+def _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend):
+    release_cpu_heap(h.device)
+    with no_autocast(h.device):
+        p = _Pieces(g, mode, layout, backend or None, h.device)
+        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        return cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward)
 
 
-def _step(spec, h, zx, gt, wgx, wgh, bg, wux, wuh, bu, q):
-    """The cell's math from tensors; ``spec`` = (graph without tensor, cheb_k, axis, backend,
-    accumulators of the two state-row weights or None)."""
-    graph, k, axis, backend, accs = spec
-    graph = _rebuild_graph(graph, gt)
+def _backward_impl(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend,
+                   needs):
+    """Gradients of the 11 differentiable inputs (h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g,
+    aux_u), None where ``needs`` says so: the step rerun, then its derivative in reverse."""
+    release_cpu_heap(h.device)
+    n_h, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+    with no_autocast(h.device):
+        p = _Pieces(g, mode, layout, backend or None, h.device)
+        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        rec: dict = {}
+        cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward, record=rec)
+        saved_h, saved_zh = p.saved
+        K = cheb_k
 
-    def hmat(w, acc, v):
-        if acc is not None and torch.is_grad_enabled():
-            dt = compute_dtype(v.device, v, w)
-            with no_autocast(v.device):
-                return _NodeLinearAcc.apply(cast(v, dt), w, acc)
-        return _matmul(axis, w, q, backend, v)
-    acc_g, acc_u = accs if accs is not None else (None, None)
-    pre = _matmul(axis, wgx, q, backend, zx) + hmat(wgh, acc_g, graph.propagate(h, k))
-    zh, r = gcru_gate(_add_bias(axis, pre, bg), h, backend=backend)
-    pre_c = _matmul(axis, wux, q, backend, zx) + hmat(wuh, acc_u, graph.propagate(zh, k))
-    return gcru_update(_add_bias(axis, pre_c, bu), r, h, backend=backend)
-
-
-class _GCRUCellRecompute(torch.autograd.Function):
-    """Saves the step's inputs only; backward reruns :func:`_step` under autograd."""
-
-    @staticmethod
-    def forward(ctx, spec, *args):
-        ctx.spec = spec
-        # Backward runs outside the caller's autocast region: remember it to recompute alike.
-        ctx.autocast = {dev: autocast_dtype(torch.device(dev)) for dev in ("cpu", "cuda")}
-        ctx.save_for_backward(*args)
-        release_cpu_heap(args[0].device)
-        return _step(spec, *args)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        release_cpu_heap(saved[0].device)
-        needs = ctx.needs_input_grad[1:]
-        inputs = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(saved, needs)]
-        with torch.enable_grad(), _autocast_like(ctx.autocast):
-            out = _step(ctx.spec, *inputs)
-        wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, [inputs[i] for i in wanted], dout, allow_unused=True)
-        result = [None] * len(inputs)
-        for i, g in zip(wanted, grads):
-            result[i] = g
-        return (None, *result)
+        # h' = update(pre_u, r, h)
+        dpre_u, dr, dh = p.update.backward(rec["pre_u"], rec["r"], h, dout)
+        dbu = _bias_grad(form, dpre_u) if n_bu else None
+        dpz, dwuh, dau = p.linear_backward(form, dpre_u, rec["pz"], wuh, aux_u, True, n_wuh, n_au)
+        dzx, dwux, dau2 = p.linear_backward(form, dpre_u, zx, wux, aux_u, n_zx, n_wux, n_au)
+        dau = _add(dau, dau2)
+        # pz = cat_k(T_k (z * h))
+        dzh, dgraph = p.products.terms_backward(list(dpz.chunk(K, dim=-1)), saved_zh, True, n_g)
+        # (z * h, r) = gate(pre_g, h)
+        dpre_g, dh2 = p.gate.backward(rec["pre_g"], h, dzh, dr)
+        dh = dh + dh2
+        dbg = _bias_grad(form, dpre_g) if n_bg else None
+        dph, dwgh, dag = p.linear_backward(form, dpre_g, rec["ph"], wgh, aux_g, True, n_wgh, n_ag)
+        dzx2, dwgx, dag2 = p.linear_backward(form, dpre_g, zx, wgx, aux_g, n_zx, n_wgx, n_ag)
+        dzx, dag = _add(dzx, dzx2), _add(dag, dag2)
+        # ph = cat_k(T_k h)
+        dh3, dgraph2 = p.products.terms_backward(list(dph.chunk(K, dim=-1)), saved_h, n_h, n_g)
+        dh = dh + dh3 if n_h else None
+        dgraph = _add(dgraph, dgraph2)
+    return [dh, dzx, dgraph, dwgx, dwgh, dbg, dwux, dwuh, dbu, dag, dau]
 
 
-class _autocast_like:
-    """Re-enter the autocast state recorded in forward (a no-op when autocast was off)."""
-
-    def __init__(self, state):
-        self.ctxs = [torch.autocast(dev, dtype=dt) for dev, dt in state.items() if dt is not None]
-
-    def __enter__(self):
-        for c in self.ctxs:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.ctxs):
-            c.__exit__(*exc)
-        return False
+@custom_op("gcru_cell")
+def _gcru_cell(h: Tensor, zx: Tensor, g: Tensor, layout: List[Tensor], wgx: Tensor, wgh: Tensor, bg: Tensor,
+               wux: Tensor, wuh: Tensor, bu: Tensor, aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str,
+               mode: str, cheb_k: int, backend: str) -> Tensor:
+    return _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend)
 
 
-def cell_step(h, zx, graph: AdaptiveGraph, cheb_k: int, axis, gate: Sequence, update: Sequence,
-              query, backend, recompute: bool = True, accs=None) -> torch.Tensor:
-    """Unchecked :func:`gcru_cell` for the modules (the arguments are built there). ``accs``:
-    (gate, update) :class:`NodeWeightGrad` of the per-node ("S") state-row weights, which then
-    come from :func:`sink_node_weight` (recompute only)."""
-    if not recompute or axis != "S" or query is not None:
-        accs = None
-    # The spec keeps the graph's settings, not its tensor (that one is a saved input).
-    spec = (_rebuild_graph(graph, None), cheb_k, axis, backend, accs)
-    args = (h, zx, _graph_tensor(graph), *gate, *update, query)
-    if recompute and needs_grad(*args):
-        return _GCRUCellRecompute.apply(spec, *args)
-    return _step(spec, *args)
+@_gcru_cell.register_fake
+def _(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend):
+    return torch.empty_like(h)
 
 
-def gcru_cell(zx: torch.Tensor, h: torch.Tensor, graph, gate: Sequence[torch.Tensor],
-              update: Sequence[torch.Tensor], *, cheb_k: int = 2, axis: Optional[str] = None,
-              query: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-              recompute: bool = True) -> torch.Tensor:
+@custom_op("gcru_cell_backward")
+def _gcru_cell_backward(dout: Tensor, h: Tensor, zx: Tensor, g: Tensor, layout: List[Tensor], wgx: Tensor,
+                        wgh: Tensor, bg: Tensor, wux: Tensor, wuh: Tensor, bu: Tensor, aux_g: Optional[Tensor],
+                        aux_u: Optional[Tensor], form: str, mode: str, cheb_k: int, backend: str,
+                        needs: List[bool]) -> List[Tensor]:
+    grads = _backward_impl(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k,
+                           backend, needs)
+    missing = [i for i, (t, n) in enumerate(zip(grads, needs)) if n and t is None]
+    assert not missing, (missing, needs, form, mode)
+    return [t.contiguous() for t, n in zip(grads, needs) if n]
+
+
+@_gcru_cell_backward.register_fake
+def _(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend, needs):
+    inputs = (h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t, n in zip(inputs, needs) if n]
+
+
+_DIFF = (0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11)  # positions of the differentiable inputs
+
+
+def _setup(ctx, inputs, output):
+    h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend = inputs
+    ctx.save_for_backward(h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout)
+    ctx.args = (form, mode, cheb_k, backend)
+
+
+def _backward(ctx, dout):
+    h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in _DIFF]
+    needs[9] = needs[9] and aux_g is not None
+    needs[10] = needs[10] and aux_u is not None
+    grads = iter(_gcru_cell_backward(dout.contiguous(), h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u,
+                                     *ctx.args, needs))
+    g_h, g_zx, g_g, g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au = (next(grads) if n else None for n in needs)
+    return (g_h, g_zx, g_g, [None] * len(layout), g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au,
+            None, None, None, None)
+
+
+_gcru_cell.register_autograd(_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------- front-ends
+
+def _autograd_pieces(graph: AdaptiveGraph, backend: Optional[str]):
+    """The step's pieces as autograd ops (plain autograd: ``recompute=False``, inference)."""
+    def pooled(x, q, pool):
+        return apply_meta_linear(x, q, pool, None, "ST", backend)
+
+    def gate(pre, h):
+        return apply_gate(pre, h, backend)
+
+    def update(pre_c, r, h):
+        return apply_update(pre_c, r, h, backend)
+    return graph.terms, pooled, gate, update
+
+
+def cell_step(h: Tensor, zx: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k: int,
+              backend: Optional[str], recompute: bool = True) -> Tensor:
+    """Unchecked :func:`gcru_cell` for the modules (they build the arguments): h (B, N, H),
+    zx (B, N, K*C) -> (B, N, H). All tensors in one dtype (the modules cast once per sequence)."""
+    tensors = (h, zx, graph.tensor) + weights.tensors()
+    if recompute and needs_grad(*tensors) and h.numel() > 0:
+        layout = list(graph.layout) if graph.layout is not None else []
+        return _gcru_cell(h, zx, graph.tensor, layout, *weights.tensors(), weights.form, graph.mode, cheb_k,
+                          backend or "")
+    return cell_math(h, zx, weights, cheb_k, *_autograd_pieces(graph, backend))
+
+
+def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k: int, hidden: int,
+                  backend: Optional[str], recompute: bool = True) -> Tuple[Tensor, Tensor]:
+    """All T steps of one cell from a zero state: xs (B, T, N, C) -> (states (B, T, N, H), the
+    last state (B, N, H) as its own tensor, so a caller that only needs it sends no gradient
+    through the stack).
+
+    The input is propagated for all T steps in one call per term (the steps folded into value
+    columns); the first step, with its all-zero state, needs only the input rows and the
+    biases; each later step is one :func:`cell_step`. ``weights`` must already be in the
+    compute dtype.
+    """
+    B, T, N, C = xs.shape
+    terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), cheb_k)
+    zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
+    # unbind, not [:, t]: its backward stacks the T step gradients once instead of
+    # scattering each into a fresh zero (B, T, N, K*C) buffer.
+    zxs = zx.unbind(1)
+    _, pooled, gate, update = _autograd_pieces(graph, backend)
+    z0 = zxs[0]
+    state = z0.new_zeros(B, N, hidden)
+    w = weights
+    zh, r = gate(add_bias(w.form, linear(w.form, z0, w.wgx, w.aux_g, pooled), w.bg), state)
+    state = update(add_bias(w.form, linear(w.form, z0, w.wux, w.aux_u, pooled), w.bu), r, state)
+    states = [state]
+    for t in range(1, T):
+        state = cell_step(state, zxs[t], graph, weights, cheb_k, backend, recompute)
+        states.append(state)
+    return torch.stack(states, dim=1), state
+
+
+def gcru_cell(zx: Tensor, h: Tensor, graph, gate: Sequence[Tensor], update: Sequence[Tensor], *,
+              cheb_k: int = 2, axis: Optional[str] = None, query: Optional[Tensor] = None,
+              backend: Optional[str] = None, recompute: bool = True) -> Tensor:
     """One HimGCRU step from the propagated input and the state.
 
     Args:
@@ -305,8 +376,6 @@ def gcru_cell(zx: torch.Tensor, h: torch.Tensor, graph, gate: Sequence[torch.Ten
     Returns:
         (B, N, H) new state.
     """
-    from ..nn.gcn import as_graph
-
     check_cheb_k(cheb_k)
     axis = check_axis(axis) if axis else None
     check_tensor("h", h, 3)
@@ -314,7 +383,7 @@ def gcru_cell(zx: torch.Tensor, h: torch.Tensor, graph, gate: Sequence[torch.Ten
     B, N, H = h.shape
     if tuple(zx.shape[:2]) != (B, N) or zx.shape[-1] % cheb_k:
         raise ValueError(f"zx must have shape (B={B}, N={N}, cheb_k*C) with cheb_k={cheb_k}, got {tuple(zx.shape)}")
-    graph = as_graph(graph)
+    graph = graph if isinstance(graph, AdaptiveGraph) else AdaptiveGraph.from_support(graph)
     if graph.num_nodes != N:
         raise ValueError(f"graph has {graph.num_nodes} nodes, expected N={N} (h.shape[1])")
     pooled = query is not None
@@ -350,4 +419,10 @@ def gcru_cell(zx: torch.Tensor, h: torch.Tensor, graph, gate: Sequence[torch.Ten
             raise ValueError(f"{gname}[bias] must have shape {want} for axis={axis!r}, got {tuple(bias.shape)}")
     check_same_device(zx=zx, h=h, query=query, **{f"gate{i}": t for i, t in enumerate(gate)},
                       **{f"update{i}": t for i, t in enumerate(update)})
-    return cell_step(h, zx, graph, cheb_k, axis, tuple(gate), tuple(update), query, backend, recompute)
+    form = ("S-pooled" if axis == "S" else "ST") if pooled else (axis or "plain")
+    weights = CellWeights(form, gate[0], gate[1], gate[2], update[0], update[1], update[2], query, query)
+    dtype = compute_dtype(h.device, h, zx, graph.tensor, *gate, *update, query)
+    with no_autocast(h.device):
+        weights = CellWeights(form, *(cast(t, dtype) for t in weights.tensors()))
+        graph = graph.cast(dtype)
+        return cell_step(cast(h, dtype), cast(zx, dtype), graph, weights, cheb_k, backend, recompute)

@@ -233,7 +233,7 @@ def _train(args) -> int:
     log = print if rank == 0 else (lambda msg: None)
     progress = not args.no_progress
     if args.resume:
-        from . import checkpoint as ckpt
+        from .. import checkpoint as ckpt
         path = _resume_path(args.resume)
         state = ckpt.load(path)
         if not ckpt.is_training_checkpoint(state) or state.get("kind") != "latest":
@@ -288,7 +288,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
     from .protocol import format_metrics
     from .config import build_model
     from .loop import evaluate_model

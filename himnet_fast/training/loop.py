@@ -32,7 +32,7 @@ import torch
 
 from ..data.sampler import BatchOrder
 from ..data.series import TrafficData
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import outputs
 from .baselines import baseline_metrics
 from .config import TrainConfig, build_run_model, seed_everything

@@ -1,4 +1,4 @@
-"""Graph partitioning for Spatial Balance Attention (SBA).
+"""Graph partitioning, for Spatial Balance Attention (SBA) and the partitioned adaptive graph.
 
 The sensor graph is split into ``P`` parts with METIS (``pymetis``); nodes are reordered so
 each part is a contiguous run, and the parts are laid out padded to the largest part size
@@ -8,8 +8,8 @@ bisection when coordinates are given, else contiguous chunks of node-id order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,16 @@ def _import_pymetis():
             f"`{_INSTALL_HINT}` (or `pip install pymetis`). Without it, pass method='rcb' "
             "(coordinates) or method='chunks'.") from exc
     return pymetis
+
+
+class PartitionLayout(NamedTuple):
+    """A partition's index tensors on one device, as the partitioned graph ops read them."""
+
+    index: torch.Tensor     # (P*M,) long: original node at each padded slot (0 on padding)
+    mask: torch.Tensor      # (P, M) bool: real slots
+    slot: torch.Tensor      # (N,) long: padded slot of each original node
+    counts: torch.Tensor    # (P,) long: part sizes, at least 1 (a divisor for part means)
+    nonempty: torch.Tensor  # (P,) bool
 
 
 @dataclass
@@ -50,6 +60,19 @@ class Partition:
     index: torch.Tensor
     mask: torch.Tensor
     membership: torch.Tensor
+    # Device copies of the index tensors, made once per device: a GPU caller would otherwise
+    # copy them host-to-device at every use (a synchronising copy that CUDA graphs cannot hold).
+    _layouts: Dict[str, PartitionLayout] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def layout(self, device) -> PartitionLayout:
+        """The :class:`PartitionLayout` on ``device`` (cached)."""
+        key = str(torch.device(device))
+        if key not in self._layouts:
+            M = self.max_size
+            slot = self.membership * M + (self.inverse - self.offsets[self.membership])
+            self._layouts[key] = PartitionLayout(*(t.to(device) for t in (
+                self.index.reshape(-1), self.mask, slot, self.sizes.clamp(min=1), self.sizes > 0)))
+        return self._layouts[key]
 
     @property
     def num_nodes(self) -> int:
@@ -67,10 +90,10 @@ class Partition:
         """(..., N, d) -> (..., P, M, d), zeros on padding slots."""
         if x.dim() < 2 or x.shape[-2] != self.num_nodes:
             raise ValueError(f"x must be (..., N={self.num_nodes}, d), got {tuple(x.shape)}")
-        idx = self.index.to(x.device).reshape(-1)
-        out = x.index_select(-2, idx)
+        lay = self.layout(x.device)
+        out = x.index_select(-2, lay.index)
         out = out.reshape(*x.shape[:-2], self.num_parts, self.max_size, x.shape[-1])
-        return out * self.mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+        return out * lay.mask.to(x.dtype).unsqueeze(-1)
 
     def from_parts(self, y: torch.Tensor) -> torch.Tensor:
         """(..., P, M, d) -> (..., N, d): the real slots, back in original node order."""
@@ -78,9 +101,7 @@ class Partition:
         if y.dim() < 3 or y.shape[-3] != P or y.shape[-2] != M:
             raise ValueError(f"y must be (..., P={P}, M={M}, d), got {tuple(y.shape)}")
         flat = y.reshape(*y.shape[:-3], P * M, y.shape[-1])
-        # slot of each original node in the flattened (P*M) layout
-        slot = self.membership * M + (self.inverse - self.offsets[self.membership])
-        return flat.index_select(-2, slot.to(y.device))
+        return flat.index_select(-2, self.layout(y.device).slot)
 
 
 def _from_membership(membership: np.ndarray, num_parts: int) -> Partition:

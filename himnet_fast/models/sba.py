@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from himnet_fast.sba.attention import block_attention, inter_attention, part_mean
-from himnet_fast.sba.partition import Partition, partition_graph
+from ..ops.block_attention import block_attention, inter_attention, part_mean
+from ..partition import Partition, partition_graph
 
 
 def _edges(num_nodes, adjacency, edge_index):

@@ -1,35 +1,26 @@
-"""The "triton" backend: what its ops share, and the table that registers them.
+"""What the ops' "triton" implementations share: whether Triton can run, and its launchers,
+imported on first use.
 
 Each op's Triton code lives in one module of ``himnet_fast.kernels`` (``kernels/`` in the
-source tree), top to bottom: the ``@triton.jit`` kernels, the launchers (allocation, grids,
-block sizes), the autograd Function, and the backend entry registered here (:data:`OPS`):
+source tree): the ``@triton.jit`` kernels and their launchers (allocation, grids, block
+sizes), nothing else. The op module registers those launchers as its "triton" forward and
+backward through :func:`launcher`, which imports the kernel module when the op first runs on
+this backend: ``import himnet_fast`` works without Triton and pays no Triton start-up cost.
 
-===============  ===========================  ==========================================
-op               module                       Function -> entry
-===============  ===========================  ==========================================
-meta_linear      kernels/meta_linear.py       MetaLinearFunction -> triton_meta_linear
-adaptive_matmul  kernels/adaptive_matmul.py   AdaptiveMatmulFunction -> triton_adaptive_matmul
-gcru_gate        kernels/gcru.py              GcruGateFunction -> triton_gcru_gate
-gcru_update      kernels/gcru.py              GcruUpdateFunction -> triton_gcru_update
-===============  ===========================  ==========================================
-
-This module keeps what they share: :func:`_check`, the ``check`` of every registration, which
-names why Triton cannot run (the package is missing, the device is neither CUDA nor CPU, or a
-CPU tensor arrives without ``TRITON_INTERPRET=1``, the interpreter CI runs the kernels in), and
-:func:`allow_meta` for ahead-of-time compilation. The kernel module is imported when its op
-first runs on this backend, so ``import himnet_fast`` works without Triton and pays no Triton
-start-up cost. The entries promote mixed input dtypes (``_utils.promote``).
+:func:`check` is the ``check`` of every "triton" registration. It names why Triton cannot
+run: the package is missing, the device is neither CUDA nor CPU, or a CPU tensor arrives
+without ``TRITON_INTERPRET=1`` (the interpreter CI runs the kernels in). :func:`allow_meta`
+lets ahead-of-time compilation (:mod:`himnet_fast.aot`) run the real launchers on meta
+tensors.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-
-from .. import _backend
 
 _TRITON_ERROR: Optional[str] = None
 _TRITON_CHECKED = False
@@ -62,8 +53,8 @@ def _triton_import_error() -> Optional[str]:
     return _TRITON_ERROR
 
 
-def _check(device: torch.device) -> Optional[str]:
-    """None when the Triton kernels can run on ``device``, else why not (every op's ``check``)."""
+def check(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else why not."""
     err = _triton_import_error()
     if err is not None:
         return err
@@ -88,37 +79,17 @@ def _check(device: torch.device) -> Optional[str]:
     return f"device type {device.type!r} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
 
 
-# op -> (module in himnet_fast.kernels, backend entry in it). The entries take the op's
-# validated arguments, as the other backends' implementations do.
-OPS = {
-    "meta_linear": ("meta_linear", "triton_meta_linear"),
-    "adaptive_matmul": ("adaptive_matmul", "triton_adaptive_matmul"),
-    "gcru_gate": ("gcru", "triton_gcru_gate"),
-    "gcru_update": ("gcru", "triton_gcru_update"),
-}
-
-
-def entry(op: str):
-    """The backend entry of ``op`` (imports its kernel module, and with it Triton)."""
-    module, name = OPS[op]
-    return getattr(importlib.import_module(f"himnet_fast.kernels.{module}"), name)
-
-
-def _lazy(op: str):
-    """A stand-in for ``entry(op)`` that imports the kernel module on its first call only."""
+def launcher(module: str, name: str) -> Callable:
+    """``himnet_fast.kernels.<module>.<name>``, imported on its first call only."""
     fn = None
 
-    def run(*args):
+    def run(*args, **kwargs):
         nonlocal fn
         if fn is None:
-            fn = entry(op)
-        return fn(*args)
+            fn = getattr(importlib.import_module(f"himnet_fast.kernels.{module}"), name)
+        return fn(*args, **kwargs)
 
-    module, name = OPS[op]
     run.__name__ = run.__qualname__ = name
+    run.__module__ = f"himnet_fast.kernels.{module}"
     run.__doc__ = f"himnet_fast.kernels.{module}.{name}, imported on first call."
     return run
-
-
-for _op in OPS:
-    _backend.register(_op, "triton", _lazy(_op), check=_check)
