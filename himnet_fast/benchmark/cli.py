@@ -141,7 +141,10 @@ def _count_kernels(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"himnet-fast bench --count-kernels: {exc}", file=sys.stderr)
         return 2
-    command = "himnet-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    # The command that reproduces the counts, from the parsed values (complete, defaults included).
+    command = (f"himnet-fast bench --count-kernels --preset {preset.name}"
+               + (f" --nodes {nodes}" if nodes is not None else "")
+               + f" --batch-size {args.batch_size} --providers {','.join(providers)} --modes {','.join(modes)}")
     results = K.count_table(providers, preset, nodes, args.batch_size, modes)
     print(K.report_text(results, command))
     if args.out:
