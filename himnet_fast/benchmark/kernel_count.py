@@ -40,7 +40,8 @@ reductions (``torch.Tag.reduction``)               1 (reduction)
 ``index_select``, ``embedding``, ``index_add(_)``  1 (index); out-of-place ``index_add`` also
                                                    copies its input (copy)
 ``slice_backward``, ``select_backward``            1 fill + 1 copy
-``embedding_dense_backward``                       1 fill + 1 index (up to 3,072 indices)
+``embedding_dense_backward``                       1 fill + 1 index (up to 3,072 indices), + 1
+                                                   copy for a strided gradient
 ``repeat``                                         1 (copy)
 Triton launches (``kernel[grid](...)``)            1 each (triton), not executed
 any other aten op                                  1 (other), and named in ``unlisted``
