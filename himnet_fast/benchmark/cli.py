@@ -50,6 +50,12 @@ def add_subcommands(subparsers) -> None:
                    help="metrla, pemsbay, pems03, pems04, pems07, pems08, sd, gba, gla, ca or synthetic-N")
     b.add_argument("--nodes", default=None, help="override the preset's graph size (e.g. 16 for a smoke run)")
     _common(b, "himnet," + ",".join(_OPS))
+    b.add_argument("--count-kernels", action="store_true",
+                   help="instead of timing, count the CUDA kernels one model step launches, on CPU in seconds "
+                        "(no GPU needed; docs/benchmarks.md, 'Kernel count'). Uses --preset, --nodes, "
+                        "--batch-size, --modes, --out and --providers (default,reference unless given; any of "
+                        "default,torch,triton,reference,reference-notf); prints a table, writes CSV and "
+                        "markdown into --out when given")
     b.set_defaults(func=_bench)
     s = subparsers.add_parser("scale", help="sweep over graph sizes",
                               description="Latency and peak memory against the number of nodes N.")
@@ -109,7 +115,42 @@ def _run(args, kind: str) -> int:
 
 
 def _bench(args) -> int:
+    if args.count_kernels:
+        return _count_kernels(args)
     return _run(args, "bench")
+
+
+def _count_kernels(args) -> int:
+    from ..presets import get_preset
+    from . import kernel_count as K
+    from .providers import MODEL_MODES
+    from .runner import parse_list, parse_nodes
+
+    try:
+        preset = get_preset(args.preset)
+        nodes = None
+        if args.nodes:
+            parsed = parse_nodes(args.nodes)
+            if len(parsed) != 1:
+                raise ValueError(f"--nodes: one graph size when counting kernels, got {args.nodes!r}")
+            nodes = parsed[0]
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        providers = parse_list(args.providers or "default,reference", "--providers", K.COUNT_PROVIDERS)
+        modes = parse_list(args.modes, "--modes", MODEL_MODES)
+    except (ValueError, TypeError) as exc:
+        print(f"himnet-fast bench --count-kernels: {exc}", file=sys.stderr)
+        return 2
+    # The command that reproduces the counts, from the parsed values (complete, defaults included).
+    command = (f"himnet-fast bench --count-kernels --preset {preset.name}"
+               + (f" --nodes {nodes}" if nodes is not None else "")
+               + f" --batch-size {args.batch_size} --providers {','.join(providers)} --modes {','.join(modes)}")
+    results = K.count_table(providers, preset, nodes, args.batch_size, modes)
+    print(K.report_text(results, command))
+    if args.out:
+        for path in K.write_report(results, args.out, command):
+            print(f"wrote {path}")
+    return 0
 
 
 def _scale(args) -> int:
