@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from himnet_fast.models import AGCRN, AGCRNCell, AVWDCRNN, AVWGCN
+from himnet_fast.models import AGCRN, AGCRNCell, AVWDCRNN, AVWGCN, build_model
 from himnet_fast.reference_models import RefAGCRN, RefAGCRNCell, RefAVWDCRNN, RefAVWGCN
 
 from conftest import HAS_TRITON, rel_err as _rel
@@ -159,3 +159,21 @@ def test_agcrn_bad_input_raises_clearly():
         AGCRN(num_nodes=3, rnn_units=0)
     with pytest.raises(ValueError, match="embed_dim=2"):
         m.encoder.dcrnn_cells[0](torch.randn(1, 5, 2), torch.zeros(1, 5, 3), torch.randn(5, 4))
+
+
+def test_end_conv_gradient_is_right_at_16_wide_states():
+    """The output head's weight gradient at hidden 16 (the width where PyTorch's CPU oneDNN
+    convolution returns garbage weight gradients) equals the float64 computation, run after run."""
+    torch.manual_seed(0)
+    m = build_model("agcrn", 29, hidden_dim=16, horizon=12)
+    x = torch.randn(2, 12, 29, 1)
+    grads = []
+    for _ in range(3):
+        m.zero_grad()
+        m(x).square().mean().backward()
+        grads.append(m.end_conv.weight.grad.clone())
+    m64 = build_model("agcrn", 29, hidden_dim=16, horizon=12).double()
+    m64.load_state_dict(m.state_dict())
+    m64(x.double()).square().mean().backward()
+    for g in grads:
+        torch.testing.assert_close(g, m64.end_conv.weight.grad.float(), rtol=1e-4, atol=1e-6)
