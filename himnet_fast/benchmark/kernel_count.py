@@ -464,6 +464,13 @@ class KernelCounter(TorchDispatchMode):
             self.count.calls[str(func)] += 1
             with self:  # the ops inside the implementation are what launches
                 return impl(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # A composite (matmul, softmax.int, ...) reaches the mode as itself when it is called
+            # below autograd, inside a custom op's implementation: count what it decomposes into.
+            with self:  # the mode is off inside its own handler: re-enter it for the parts
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
         devices = {t.device.type for t in _tensors((args, kwargs))}
         if func is aten._local_scalar_dense.default and "cpu" not in devices:
             self.count.memcpy["d2h"] += 1
@@ -560,14 +567,13 @@ def gpu_like() -> Iterator[None]:
     choice by CUDA's table (``_backend.AUTO_ORDER["cuda"]``), and the Triton backend accepted
     for meta tensors (its launches are counted, not run)."""
     from .. import _backend
-    from ..ops import _triton_backend
+    from ..ops import _triton
 
-    _backend._ensure_loaded()
     had = "meta" in _backend.AUTO_ORDER
     old = _backend.AUTO_ORDER.get("meta")
     _backend.AUTO_ORDER["meta"] = _backend.AUTO_ORDER["cuda"]
     try:
-        with _triton_backend.allow_meta():
+        with _triton.allow_meta():
             yield
     finally:
         if had:

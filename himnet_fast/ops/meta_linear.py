@@ -152,10 +152,18 @@ def pooled_forward(x: Tensor, q: Tensor, pool: Tensor) -> Tensor:
     in fp32 (float64 stays float64) even for bf16/fp16 inputs, as one GEMM would."""
     acc = acc_dtype(x.dtype)
     num_d, _, o = pool.shape
-    y = torch.zeros(*x.shape[:-1], o, dtype=acc, device=x.device)
-    for ns, sl in _pooled_blocks(x, num_d):
+    blocks = _pooled_blocks(x, num_d)
+    # The first block of each node slice writes its product; later ones add to it (no zero fill).
+    written = set()
+    y = (torch.empty if blocks else torch.zeros)(*x.shape[:-1], o, dtype=acc, device=x.device)
+    for ns, sl in blocks:
         qs = q[:, ns] if q.dim() == 3 else q[ns]
-        y[:, ns] += torch.matmul(_kr_block(x[:, ns], qs, sl), pool[sl].reshape(-1, o))
+        part = torch.matmul(_kr_block(x[:, ns], qs, sl), pool[sl].reshape(-1, o))
+        if ns.start in written:
+            y[:, ns] += part
+        else:
+            y[:, ns] = part
+            written.add(ns.start)
     return y.to(x.dtype)
 
 
@@ -170,10 +178,11 @@ def pooled_backward(dy: Tensor, x: Tensor, q: Tensor, pool: Tensor,
     need_x, need_q, need_p = needs
     acc = acc_dtype(x.dtype)
     num_d, i, o = pool.shape
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
     dy = dy.to(x.dtype)
     per_row = q.dim() == 3
     blocks = _pooled_blocks(x, num_d)
+    dx = (torch.empty if blocks else torch.zeros)(x.shape, dtype=acc, device=x.device) if need_x else None
+    dx_written = set()
     # Each pool slice is visited once when the blocks span all nodes: write, do not add.
     whole = len(blocks) == 0 or blocks[0][0] == slice(0, x.shape[1])
     dq = (torch.empty_like(q) if whole else torch.zeros_like(q)) if need_q else None
@@ -185,7 +194,12 @@ def pooled_backward(dy: Tensor, x: Tensor, q: Tensor, pool: Tensor,
         if need_x or need_q:
             g = torch.matmul(dys, p2.t()).unflatten(-1, (-1, i))  # (B, n, d, I)
             if need_x:
-                dx[:, ns] += torch.matmul(qs[..., sl].unsqueeze(-2).to(g.dtype), g).squeeze(-2)
+                part = torch.matmul(qs[..., sl].unsqueeze(-2).to(g.dtype), g).squeeze(-2)
+                if ns.start in dx_written:
+                    dx[:, ns] += part
+                else:
+                    dx[:, ns] = part
+                    dx_written.add(ns.start)
             if need_q:
                 s = (g.to(acc) * xs.unsqueeze(-2)).sum(-1)  # (B, n, d)
                 target = dq[:, ns, sl] if per_row else dq[ns, sl]
