@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .. import _backend
 from .._checks import check_tensor
+from ..ops._common import custom_op
 from ..ops.graph import AdaptiveGraph
 from ..ops.partitioned_adaptive import check_partition_options
 from .gcru import HimDecoder, HimEncoder
@@ -197,19 +198,18 @@ class HimNet(nn.Module):
                              f"{dow[bad_dow][:4].tolist()} at the last step of node 0")
 
     def teacher_forcing_mask(self, batches_seen: int, device=None) -> torch.Tensor:
-        """(out_steps,) bool: the decoder steps whose next input is the label, not the forecast.
+        """(out_steps,) bool on ``device``: the decoder steps whose next input is the label, not
+        the forecast.
 
         The coins come from numpy's global RNG, one per step, compared with
         ``tf_decay_steps / (tf_decay_steps + exp(batches_seen / tf_decay_steps))``: the draws the
         original makes one after each decoder step, made here all at once before the decoder
         runs (nothing else draws in between, so they are the same numbers in the same order).
-        On a GPU the mask is copied from pinned memory without blocking: no synchronisation."""
-        coins = np.random.uniform(0, 1, size=self.out_steps)  # the global numpy RNG, as the original
-        mask = torch.from_numpy(coins < self.compute_sampling_threshold(batches_seen))
-        device = torch.device("cpu" if device is None else device)
-        if device.type == "cuda":
-            return mask.pin_memory().to(device, non_blocking=True)
-        return mask.to(device)
+        It is the op ``himnet_fast::teacher_forcing_mask``: ``torch.compile`` keeps it whole
+        (the coins are drawn when the compiled step runs, not when it is traced). On a GPU the
+        mask is copied from pinned memory without blocking: no synchronisation."""
+        like = torch.empty(0, device=torch.device("cpu" if device is None else device))
+        return _teacher_forcing_mask(like, int(batches_seen), self.out_steps, float(self.tf_decay_steps))
 
     def time_embedding(self, x):
         """(B, tod_dim + dow_dim) from the last input step of node 0, as the original."""
@@ -237,7 +237,7 @@ class HimNet(nn.Module):
             self.validate_inputs(x)
         teacher = self.training and self.use_teacher_forcing
         if teacher and teacher_forcing is None:
-            teacher_forcing = self.teacher_forcing_mask(batches_seen, x.device)
+            teacher_forcing = _teacher_forcing_mask(x, batches_seen, self.out_steps, float(self.tf_decay_steps))
         t_emb = self.time_embedding(x)
 
         graph = AdaptiveGraph(self.node_embedding, dense=self.dense_graph, backend=self.backend,
@@ -270,3 +270,19 @@ def _on_device_only() -> bool:
     """Whether the code runs where it must not synchronise with the host: traced by
     ``torch.compile`` or recorded into a CUDA graph."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+@custom_op("teacher_forcing_mask")
+def _teacher_forcing_mask(like: torch.Tensor, batches_seen: int, steps: int, decay: float) -> torch.Tensor:
+    """(steps,) bool on ``like``'s device: numpy coins below the sampling threshold (a host op:
+    it reads and advances numpy's global RNG each time it runs)."""
+    coins = np.random.uniform(0, 1, size=steps)  # the global numpy RNG, as the original
+    mask = torch.from_numpy(coins < decay / (decay + np.exp(batches_seen / decay)))
+    if like.device.type == "cuda":
+        return mask.pin_memory().to(like.device, non_blocking=True)
+    return mask.to(like.device)
+
+
+@_teacher_forcing_mask.register_fake
+def _(like, batches_seen, steps, decay):
+    return torch.empty(steps, dtype=torch.bool, device=like.device)

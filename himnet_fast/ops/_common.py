@@ -74,6 +74,20 @@ def custom_op(name: str):
     return wrap
 
 
+def contiguous(out):
+    """An op's output(s) made contiguous. Every custom op of the library returns contiguous
+    tensors and its fake says so: ``torch.compile`` plans views from the fake's strides, so a
+    strided real output (a transposed product, a slice of a gate) would break them at run time."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(t.contiguous() for t in out)
+    return out.contiguous()
+
+
+def empty_like(t):
+    """A contiguous fake (or buffer) with ``t``'s shape, dtype and device."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

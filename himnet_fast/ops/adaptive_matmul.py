@@ -27,7 +27,7 @@ from .. import _backend
 from .._checks import check_same_device, check_tensor
 from . import _cuda, _triton
 from .._dtypes import acc_dtype
-from ._common import cast, compute_dtype, custom_op, needs_grad, no_autocast, rows_per_chunk
+from ._common import cast, compute_dtype, contiguous, custom_op, empty_like, needs_grad, no_autocast, rows_per_chunk
 
 __all__ = ["adaptive_matmul", "adaptive_graph", "apply_streamed", "build_dense"]
 
@@ -179,12 +179,12 @@ _backend.register("adaptive_matmul", "cuda", cuda_forward, check=_cuda.check)
 @custom_op("adaptive_matmul")
 def _adaptive_matmul(e: Tensor, v: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     with no_autocast(v.device):
-        return _backend.impl("adaptive_matmul", backend).forward(e, v)
+        return contiguous(_backend.impl("adaptive_matmul", backend).forward(e, v))
 
 
 @_adaptive_matmul.register_fake
 def _(e, v, backend):
-    return torch.empty_like(v), _stats_like(e, v, backend)
+    return empty_like(v), _stats_like(e, v, backend)
 
 
 @custom_op("adaptive_matmul_backward")
@@ -192,12 +192,12 @@ def _adaptive_matmul_backward(dout: Tensor, e: Tensor, v: Tensor, out: Tensor, s
                               needs: List[bool]) -> List[Tensor]:
     with no_autocast(v.device):
         de, dv = _backend.impl("adaptive_matmul", backend).backward(dout, e, v, out, stats, *needs)
-    return [g for g, n in zip((de, dv), needs) if n]
+    return [g.contiguous() for g, n in zip((de, dv), needs) if n]
 
 
 @_adaptive_matmul_backward.register_fake
 def _(dout, e, v, out, stats, backend, needs):
-    return [torch.empty_like(t) for t, n in zip((e, v), needs) if n]
+    return [empty_like(t) for t, n in zip((e, v), needs) if n]
 
 
 def _setup(ctx, inputs, output):
@@ -264,7 +264,7 @@ _backend.register("adaptive_graph", "torch", dense_forward, dense_backward)
 @custom_op("adaptive_graph")
 def _adaptive_graph(e: Tensor, backend: str) -> Tensor:
     with no_autocast(e.device):
-        return _backend.impl("adaptive_graph", backend).forward(e)
+        return contiguous(_backend.impl("adaptive_graph", backend).forward(e))
 
 
 @_adaptive_graph.register_fake
@@ -275,12 +275,12 @@ def _(e, backend):
 @custom_op("adaptive_graph_backward")
 def _adaptive_graph_backward(dp: Tensor, e: Tensor, p: Tensor, backend: str) -> Tensor:
     with no_autocast(e.device):
-        return _backend.impl("adaptive_graph", backend).backward(dp, e, p)
+        return contiguous(_backend.impl("adaptive_graph", backend).backward(dp, e, p))
 
 
 @_adaptive_graph_backward.register_fake
 def _(dp, e, p, backend):
-    return torch.empty_like(e)
+    return empty_like(e)
 
 
 def _setup_graph(ctx, inputs, output):

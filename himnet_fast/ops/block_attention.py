@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _triton
-from ._common import chunk_bytes, custom_op, rows_per_chunk
+from ._common import chunk_bytes, contiguous, custom_op, empty_like, rows_per_chunk
 
 __all__ = ["block_attention", "inter_attention", "part_mean"]
 
@@ -188,7 +188,7 @@ _AUTO = "torch"
 @custom_op("block_attention")
 def _block_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
                      backend: str) -> Tuple[Tensor, Tensor]:
-    return _backend.impl("block_attention", backend).forward(q, k, v, mask, scale)
+    return contiguous(_backend.impl("block_attention", backend).forward(q, k, v, mask, scale))
 
 
 @_block_attention.register_fake
@@ -201,12 +201,12 @@ def _(q, k, v, mask, scale, backend):
 def _block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
                               lse: Tensor, scale: float, backend: str, needs: List[bool]) -> List[Tensor]:
     grads = _backend.impl("block_attention", backend).backward(dout, q, k, v, mask, out, lse, scale, needs)
-    return [g for g, n in zip(grads, needs) if n]
+    return [g.contiguous() for g, n in zip(grads, needs) if n]
 
 
 @_block_attention_backward.register_fake
 def _(dout, q, k, v, mask, out, lse, scale, backend, needs):
-    return [torch.empty_like(t) for t, n in zip((q, k, v), needs) if n]
+    return [empty_like(t) for t, n in zip((q, k, v), needs) if n]
 
 
 def _setup(ctx, inputs, output):

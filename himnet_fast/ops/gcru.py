@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _backend
 from .._checks import check_same_device, check_tensor
 from . import _cuda, _triton
-from ._common import cast, compute_dtype, custom_op, needs_grad, no_autocast
+from ._common import cast, compute_dtype, contiguous, custom_op, empty_like, needs_grad, no_autocast
 
 __all__ = ["gcru_gate", "gcru_update", "apply_gate", "apply_update"]
 
@@ -69,9 +69,11 @@ def apply_update(pre_c: Tensor, r: Tensor, h: Tensor, backend: Optional[str]) ->
 # the same order), so the torch backend gives bitwise the gradients plain autograd would.
 
 def gate_forward(pre: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
+    # One sigmoid over the contiguous pre-activation (a strided half takes another CPU code path
+    # with other rounding), then r copied out of it: op outputs are contiguous.
     H = h.shape[-1]
     zr = torch.sigmoid(pre)
-    return zr[..., :H] * h, zr[..., H:]
+    return zr[..., :H] * h, zr[..., H:].contiguous()
 
 
 def gate_backward(pre: Tensor, h: Tensor, dzh: Tensor, dr: Tensor) -> Tuple[Tensor, Tensor]:
@@ -136,24 +138,24 @@ _backend.register("gcru_update", "cuda", cuda_update_forward, check=_cuda.check)
 @custom_op("gcru_gate")
 def _gcru_gate(pre: Tensor, h: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     with no_autocast(h.device):
-        return _backend.impl("gcru_gate", backend).forward(pre, h)
+        return contiguous(_backend.impl("gcru_gate", backend).forward(pre, h))
 
 
 @_gcru_gate.register_fake
 def _(pre, h, backend):
-    return torch.empty_like(h), torch.empty_like(h)
+    return empty_like(h), empty_like(h)
 
 
 @custom_op("gcru_gate_backward")
 def _gcru_gate_backward(pre: Tensor, h: Tensor, dzh: Tensor, dr: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     with no_autocast(h.device):
         dpre, dh = _backend.impl("gcru_gate", backend).backward(pre, h, dzh, dr)
-    return dpre.view(pre.shape), dh.view(h.shape)
+    return dpre.reshape(pre.shape).contiguous(), dh.reshape(h.shape).contiguous()
 
 
 @_gcru_gate_backward.register_fake
 def _(pre, h, dzh, dr, backend):
-    return torch.empty_like(pre), torch.empty_like(h)
+    return empty_like(pre), empty_like(h)
 
 
 def _setup_gate(ctx, inputs, output):
@@ -176,23 +178,23 @@ _gcru_gate.register_autograd(_backward_gate, setup_context=_setup_gate)
 @custom_op("gcru_update")
 def _gcru_update(pre_c: Tensor, r: Tensor, h: Tensor, backend: str) -> Tensor:
     with no_autocast(h.device):
-        return _backend.impl("gcru_update", backend).forward(pre_c, r, h)
+        return contiguous(_backend.impl("gcru_update", backend).forward(pre_c, r, h))
 
 
 @_gcru_update.register_fake
 def _(pre_c, r, h, backend):
-    return torch.empty_like(h)
+    return empty_like(h)
 
 
 @custom_op("gcru_update_backward")
 def _gcru_update_backward(pre_c: Tensor, r: Tensor, h: Tensor, dout: Tensor, backend: str) -> List[Tensor]:
     with no_autocast(h.device):
-        return list(_backend.impl("gcru_update", backend).backward(pre_c, r, h, dout))
+        return list(contiguous(_backend.impl("gcru_update", backend).backward(pre_c, r, h, dout)))
 
 
 @_gcru_update_backward.register_fake
 def _(pre_c, r, h, dout, backend):
-    return [torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)]
+    return [empty_like(h), empty_like(h), empty_like(h)]
 
 
 def _setup_update(ctx, inputs, output):

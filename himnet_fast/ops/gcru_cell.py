@@ -54,7 +54,7 @@ from torch import Tensor
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
 from ..partition import PartitionLayout
-from ._common import cast, compute_dtype, custom_op, needs_grad, no_autocast, release_cpu_heap
+from ._common import cast, compute_dtype, custom_op, empty_like, needs_grad, no_autocast, release_cpu_heap
 from .gcru import apply_gate, apply_update
 from .graph import AdaptiveGraph, GraphProducts
 from .meta_linear import apply_meta_linear
@@ -244,12 +244,12 @@ def _backward_impl(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, au
 def _gcru_cell(h: Tensor, zx: Tensor, g: Tensor, layout: List[Tensor], wgx: Tensor, wgh: Tensor, bg: Tensor,
                wux: Tensor, wuh: Tensor, bu: Tensor, aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str,
                mode: str, cheb_k: int, backend: str) -> Tensor:
-    return _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend)
+    return _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend).contiguous()
 
 
 @_gcru_cell.register_fake
 def _(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend):
-    return torch.empty_like(h)
+    return empty_like(h)
 
 
 @custom_op("gcru_cell_backward")
@@ -267,7 +267,7 @@ def _gcru_cell_backward(dout: Tensor, h: Tensor, zx: Tensor, g: Tensor, layout: 
 @_gcru_cell_backward.register_fake
 def _(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend, needs):
     inputs = (h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t, n in zip(inputs, needs) if n]
+    return [empty_like(t) for t, n in zip(inputs, needs) if n]
 
 
 _DIFF = (0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11)  # positions of the differentiable inputs

@@ -32,7 +32,7 @@ from .. import _backend
 from .._checks import check_axis, check_dim, check_same_device, check_tensor
 from . import _cuda, _triton
 from .._dtypes import acc_dtype
-from ._common import cast, chunk_bytes, compute_dtype, custom_op, dense_budget_bytes, needs_grad, no_autocast
+from ._common import cast, chunk_bytes, compute_dtype, contiguous, custom_op, dense_budget_bytes, empty_like, needs_grad, no_autocast
 
 __all__ = ["meta_linear", "apply_meta_linear", "generate_weights", "materialize_node_weights", "pooled_forward", "pooled_backward"]
 
@@ -311,7 +311,7 @@ _backend.register("meta_linear", "cuda", cuda_forward, check=_cuda.check)
 def _meta_linear(x: Tensor, query: Tensor, weight_pool: Tensor, bias_pool: Optional[Tensor], axis: str,
                  backend: str) -> Tensor:
     with no_autocast(x.device):
-        return _backend.impl("meta_linear", backend).forward(x, query, weight_pool, bias_pool, axis)
+        return contiguous(_backend.impl("meta_linear", backend).forward(x, query, weight_pool, bias_pool, axis))
 
 
 @_meta_linear.register_fake
@@ -325,12 +325,12 @@ def _meta_linear_backward(dy: Tensor, x: Tensor, query: Tensor, weight_pool: Ten
     with no_autocast(x.device):
         grads = _backend.impl("meta_linear", backend).backward(dy, x, query, weight_pool, bias_pool, axis,
                                                                tuple(needs))
-    return [g for g, n in zip(grads, needs) if n]
+    return [g.contiguous() for g, n in zip(grads, needs) if n]
 
 
 @_meta_linear_backward.register_fake
 def _(dy, x, query, weight_pool, bias_pool, axis, backend, needs):
-    return [torch.empty_like(t) for t, n in zip((x, query, weight_pool, bias_pool), needs) if n]
+    return [empty_like(t) for t, n in zip((x, query, weight_pool, bias_pool), needs) if n]
 
 
 def _setup(ctx, inputs, output):

@@ -35,7 +35,7 @@ from .. import _backend
 from .._checks import check_same_device, check_tensor
 from .._dtypes import acc_dtype
 from ..partition import Partition, PartitionLayout
-from ._common import cast, chunk_bytes, compute_dtype, custom_op, no_autocast
+from ._common import cast, chunk_bytes, compute_dtype, contiguous, custom_op, empty_like, no_autocast
 
 __all__ = ["partitioned_adaptive_matmul", "apply_partitioned", "check_partition", "check_partition_options"]
 
@@ -242,13 +242,14 @@ _backend.register("partitioned_adaptive_matmul", "torch", torch_forward, torch_b
 @custom_op("partitioned_adaptive_matmul")
 def _partitioned(e: Tensor, v: Tensor, index: Tensor, mask: Tensor, slot: Tensor, counts: Tensor, nonempty: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor]:
-    return _backend.impl("partitioned_adaptive_matmul", backend).forward(e, v, index, mask, slot, counts, nonempty)
+    return contiguous(_backend.impl("partitioned_adaptive_matmul", backend).forward(e, v, index, mask, slot, counts,
+                                                                                     nonempty))
 
 
 @_partitioned.register_fake
 def _(e, v, index, mask, slot, counts, nonempty, backend):
     P, M = mask.shape
-    return torch.empty_like(v), v.new_empty(v.shape[0], P, M, v.shape[-1])
+    return empty_like(v), v.new_empty(v.shape[0], P, M, v.shape[-1])
 
 
 @custom_op("partitioned_adaptive_matmul_backward")
@@ -257,12 +258,12 @@ def _partitioned_backward(dout: Tensor, e: Tensor, v: Tensor, index: Tensor, mas
                           needs: List[bool]) -> List[Tensor]:
     grads = _backend.impl("partitioned_adaptive_matmul", backend).backward(
         dout, e, v, index, mask, slot, counts, nonempty, outp, needs)
-    return [g for g, n in zip(grads, needs) if n]
+    return [g.contiguous() for g, n in zip(grads, needs) if n]
 
 
 @_partitioned_backward.register_fake
 def _(dout, e, v, index, mask, slot, counts, nonempty, outp, backend, needs):
-    return [torch.empty_like(t) for t, n in zip((e, v), needs) if n]
+    return [empty_like(t) for t, n in zip((e, v), needs) if n]
 
 
 def _setup(ctx, inputs, output):
