@@ -7,11 +7,13 @@ day in [0, 1), day of week 0..6), the window start indices of each split, and th
 :class:`StandardScaler` fitted on the training inputs. Windows are never materialised: a batch
 gathers its ``(B, 12, N, 3)`` inputs from the series when it is drawn.
 """
-from .series import (DATASET_INFO, Batch, StandardScaler, TrafficData, WindowSplit, load_dataset,
-                     load_himnet_dir, load_pems_npz, split_windows, time_features, traffic_data)
+from .series import (DATASET_INFO, Batch, StandardScaler, TrafficData, WindowSplit, carry_forward, load_himnet_dir,
+                     load_pems_npz, split_windows, time_features, traffic_data)
 from .sampler import BatchOrder
 from .synthetic import synthetic_traffic
+from .catalog import load_dataset
+from .forecast import Forecast, forecast, to_forecast
 
-__all__ = ["DATASET_INFO", "Batch", "BatchOrder", "StandardScaler", "TrafficData", "WindowSplit",
-           "load_dataset", "load_himnet_dir", "load_pems_npz", "split_windows", "synthetic_traffic",
-           "time_features", "traffic_data"]
+__all__ = ["DATASET_INFO", "Batch", "BatchOrder", "Forecast", "StandardScaler", "TrafficData", "WindowSplit",
+           "carry_forward", "forecast", "load_dataset", "load_himnet_dir", "load_pems_npz", "split_windows",
+           "synthetic_traffic", "time_features", "to_forecast", "traffic_data"]
