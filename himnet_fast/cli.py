@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         return code
     except BrokenPipeError:
         return _closed_pipe()
+    # (argparse's --help and usage messages ignore a closed pipe themselves and exit as usual)
 
 
 def _main(argv=None) -> int:
