@@ -15,49 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Optional
 
-
-def _integer(low: int, high: Optional[int] = None):
-    """argparse type: an integer in [low, high) (one-line error naming the option otherwise)."""
-    want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high})"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+from .._argtypes import POSITIVE as _POSITIVE, SEED as _SEED, positive_float as _positive_float
 
 
 def _interval(text: str) -> int:
     """argparse type: minutes between steps, dividing a day (the time-of-day slots need it)."""
-    value = _integer(1)(text)
+    value = _POSITIVE(text)
     if 1440 % value:
         raise argparse.ArgumentTypeError(f"expected a number of minutes dividing a day (1440), got {value}")
     return value
 
 
-_POSITIVE = _integer(1)
-_SEED = _integer(0, 2 ** 32)  # numpy's global RNG takes 32-bit seeds
 
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
