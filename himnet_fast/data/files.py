@@ -14,11 +14,11 @@ Formats, by extension:
   PyTables, ``pip install tables``).
 
 Missing readings may be NaN or 0: NaN becomes 0, and 0 is masked out of the loss and the
-metrics (the HimNet convention); the model's inputs carry each sensor's last observation forward
-over them (``TrafficData.fill_missing``), so the last input step is the last observed value. Without timestamps the time of day and day of week come from
-``start`` and ``interval_minutes``. A graph (``--graph``, N x N as CSV or ``.npy``) is
-checked and kept in ``TrafficData.extra["adj"]``; HimNet itself learns its graph and does not
-use it.
+metrics (the HimNet convention); the model's inputs carry each sensor's last observation
+forward over them (``TrafficData.fill_missing``), so the last input step is the last observed
+value. Without timestamps the time of day and day of week come from ``start`` and
+``interval_minutes``. A graph (``--graph``, N x N as CSV or ``.npy``) is checked and kept in
+``TrafficData.extra["adj"]``; HimNet itself learns its graph and does not use it.
 """
 from __future__ import annotations
 

@@ -30,8 +30,6 @@ def _interval(text: str) -> int:
     return value
 
 
-
-
 def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--dataset", default=dataset_default,
                    help="LOSLOOP (bundled, the default: complete real Los-loop, T-GCN protocol), PEMS08_SAMPLE "
@@ -53,7 +51,8 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--steps", type=_POSITIVE, help="synthetic: number of 5-minute steps (default: the dataset's)")
     p.add_argument("--nodes", type=_POSITIVE, help="synthetic: number of sensors (default: the dataset's)")
     p.add_argument("--data-seed", type=_SEED, default=0, help="synthetic: generator seed")
-    p.add_argument("--limit-batches", type=_POSITIVE, help="at most K batches per epoch and per evaluation (smoke runs)")
+    p.add_argument("--limit-batches", type=_POSITIVE,
+                   help="at most K batches per epoch and per evaluation (smoke runs)")
     p.add_argument("--batch-size", type=_POSITIVE, help="batch size (default: the preset's, 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", help="himnet_fast backend: auto, torch, triton, cuda")
@@ -77,8 +76,7 @@ def add_subcommands(sub) -> None:
     t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt, or its folder)")
     t.add_argument("--seed", type=_SEED, help="seed of the weights, batch order and teacher forcing (default 0)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
-    t.add_argument("--model", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d",
-                                                         "hyperst-gcgru", "sba"),
+    t.add_argument("--model", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d", "hyperst-gcgru", "sba"),
                    help="which forecaster to train (default himnet; the others are in himnet_fast.models and "
                         "use the signal channel; the HyperST models need sensor coordinates and a graph, sba a graph)")
     t.add_argument("--hidden-dim", type=_POSITIVE, help="override the preset's hidden size")
@@ -234,7 +232,7 @@ def _set_threads(args, device, dataset: str, recorded: Optional[int] = None) -> 
         try:
             dataset = "custom" if dataset == "custom" else canonical_name(dataset)
         except ValueError:
-            return  # an unknown name is reported when the data load
+            return  # an unknown name is reported when the data are loaded
         if dataset in _ONE_THREAD:
             torch.set_num_threads(1)
 
@@ -425,7 +423,7 @@ def _evaluate(args) -> int:
     if args.export_meta:
         from .interpret import export_meta_parameters
         train_starts = data.splits["train"].starts
-        node_mean = data.series[: train_starts[-1] + data.in_steps, :, 0].mean(0)
+        node_mean = data.input_signal[: train_starts[-1] + data.in_steps].mean(0)
         paths = export_meta_parameters(model, args.export_meta, node_values=node_mean)
         print("meta-parameters: " + ", ".join(paths.values()))
     return 0
