@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
+import signal
 import sys
 
 _PLUGINS = ("himnet_fast.benchmark.cli", "himnet_fast.training.cli")
@@ -40,8 +42,16 @@ def _info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error convention: one line on stderr, exit status 2 (argparse
+    itself prints the whole usage first). Subcommand parsers are of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="himnet-fast", description=__doc__.splitlines()[0],
+    parser = _Parser(prog="himnet-fast", description=__doc__.splitlines()[0],
                                      epilog="A user error prints one line and exits with status 2; --debug "
                                             "(anywhere on the line) shows its traceback.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -71,14 +81,42 @@ def _user_errors() -> tuple:
     return tuple(errors)
 
 
+def _closed_pipe() -> int:
+    """Output went to a pipe whose reader has gone (``himnet-fast evaluate ... | head``): end
+    quietly with the status of a process killed by SIGPIPE, 128 + 13, as a shell reports it. The
+    rest of stdout goes to /dev/null, so flushing it at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (an in-process caller)
+        pass
+    return 128 + getattr(signal, "SIGPIPE", 13)
+
+
 def main(argv=None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here for output still in the buffer
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    # (argparse's --help and usage messages ignore a closed pipe themselves and exit as usual)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the subcommand
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     args.debug = debug
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        raise  # not a user error: handled by main
     except KeyboardInterrupt:
         if debug:
             raise

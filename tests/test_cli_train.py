@@ -95,16 +95,13 @@ def test_train_synthetic(tmp_path, capsys):
 
 
 def test_parser_lists_the_subcommands(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--help"])
-    assert exc.value.code == 0
+    assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for flag in ("--dataset", "--data-dir", "--synthetic", "--epochs", "--batch-size", "--limit-batches",
                  "--backend", "--device", "--out", "--resume"):
         assert flag in out
-    with pytest.raises(SystemExit):
-        main(["train", "--data-dir", "x", "--synthetic"])          # mutually exclusive
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["train", "--data-dir", "x", "--synthetic"]) == 2          # mutually exclusive
+    _one_line_error(capsys, "not allowed with argument")
 
 
 def _one_line_error(capsys, *fragments):
@@ -228,3 +225,130 @@ def test_train_and_evaluate_another_model(tmp_path, capsys, name, label):
     assert state["config"]["architecture"] == name
     assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--limit-batches", "1", "--no-progress"]) == 0
     assert label in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--epochs", "-1", "expected an integer >= 1, got -1"),
+    ("--epochs", "0", "expected an integer >= 1, got 0"),
+    ("--epochs", "two", "expected an integer >= 1, got 'two'"),
+    ("--batch-size", "0", "expected an integer >= 1, got 0"),
+    ("--lr", "0", "expected a finite number > 0, got 0"),
+    ("--lr", "-0.01", "expected a finite number > 0, got -0.01"),
+    ("--lr", "nan", "expected a finite number > 0, got nan"),
+    ("--patience", "0", "expected an integer >= 1, got 0"),
+    ("--steps", "-5", "expected an integer >= 1, got -5"),
+    ("--nodes", "0", "expected an integer >= 1, got 0"),
+    ("--limit-batches", "0", "expected an integer >= 1, got 0"),
+    ("--save-every", "-2", "expected an integer >= 1, got -2"),
+    ("--hidden-dim", "0", "expected an integer >= 1, got 0"),
+    ("--tf-decay-steps", "0", "expected an integer >= 1, got 0"),
+    ("--threads", "0", "expected an integer >= 1, got 0"),
+    ("--interval", "7", "expected a number of minutes dividing a day (1440), got 7"),
+    ("--seed", "-1", "expected an integer in [0, 4294967296), got -1"),
+    ("--data-seed", "4294967296", "expected an integer in [0, 4294967296), got 4294967296"),
+])
+def test_numeric_options_are_validated(flag, value, expected, tmp_path, capsys):
+    """A bad number stops before anything runs or is written: one line naming the option, status 2."""
+    out = tmp_path / "o"
+    assert main(["train", flag, value, "--out", str(out)]) == 2
+    _one_line_error(capsys, f"himnet-fast train: error: argument {flag}: {expected}")
+    assert not out.exists()
+
+
+def test_evaluate_validates_its_numbers_too(capsys):
+    assert main(["evaluate", "--checkpoint", "x.pt", "--batch-size", "0"]) == 2
+    _one_line_error(capsys, "himnet-fast evaluate: error: argument --batch-size: expected an integer >= 1, got 0")
+
+
+def test_a_run_without_checkpoint_gets_no_resume_hint(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert main(["train", "--out", str(out)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" not in err and "--overwrite" in err
+
+
+def test_resume_uses_the_device_threads_and_settings_of_the_run(tmp_path, capsys, monkeypatch):
+    """The printed resume command continues on the run's own device and thread count (recorded
+    in the checkpoint), whatever the resuming process had, and with the run's settings."""
+    from himnet_fast.training import checkpoint as ckpt
+    from himnet_fast.training.loop import Trainer
+
+    out = tmp_path / "r"
+    argv = ["train", "--epochs", "1", "--out", str(out), "--device", "cpu"] + TINY
+    assert main(argv + ["--threads", "2"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["runtime"] == {"device": "cpu", "threads": 2, "world_size": 1}
+    seen = []
+    fit = Trainer.fit
+
+    def spy(self, **kw):
+        seen.append({"threads": torch.get_num_threads(), "device": str(self.device), "config": self.config.to_dict()})
+        return fit(self, **kw)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    try:
+        torch.set_num_threads(1)                 # a new process, with another default
+        assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+        assert seen[-1]["threads"] == 2 and seen[-1]["device"] == "cpu"
+        assert seen[-1]["config"] == dict(state["config"], max_epochs=2)
+        assert "device cpu, 2 thread(s)" in capsys.readouterr().out
+        # a checkpoint that predates the record: the rule of a fresh run of its dataset (Los-loop: one thread)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        del state["runtime"]
+        ckpt.atomic_save(state, str(out / "checkpoint.pt"))
+        torch.set_num_threads(2)
+        assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+        assert seen[-1]["threads"] == 1
+    finally:
+        torch.set_num_threads(1)
+    # settings that define the run cannot change on resume
+    assert main(["train", "--resume", str(out), "--epochs", "4", "--lr", "0.1", "--batch-size", "8"]) == 2
+    _one_line_error(capsys, "--batch-size, --lr cannot change", "allowed: --epochs")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resume_of_a_gpu_run_without_a_gpu_says_so(run, tmp_path, capsys):
+    from himnet_fast.training import checkpoint as ckpt
+
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    state["runtime"]["device"] = "cuda:0"
+    path = str(tmp_path / "checkpoint.pt")
+    ckpt.atomic_save(state, path)
+    assert main(["train", "--resume", path, "--epochs", "2"]) == 2
+    _one_line_error(capsys, "the run trained on cuda:0, which is not available here", "pass --device")
+
+
+def test_own_data_summary_is_true_for_the_run(tmp_path, capsys):
+    """--data: the missing readings are counted, no preset note, and one verdict per baseline."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    sig = 50 + 10 * np.sin(np.arange(300) / 20)[:, None] + rng.normal(0, 1, (300, 4))
+    sig[[40, 41, 250], [1, 1, 3]] = np.nan
+    path = tmp_path / "s.csv"
+    np.savetxt(path, sig, delimiter=",")
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(path), "--epochs", "1", "--out", str(out)] + TINY) == 0
+    txt = capsys.readouterr().out
+    assert "note: the" not in txt and "preset has" not in txt
+    assert "3 missing readings (0.25%): inputs carry the last observation forward" in txt
+    verdicts = [line for line in txt.splitlines() if line.startswith("HimNet ") and " (MAE) at " in line]
+    assert len(verdicts) == 2 and "last value" in verdicts[0] and "historical average" in verdicts[1]
+    listed = txt.strip().splitlines()[-1]
+    assert listed.startswith(f"outputs in {out}: ")
+    assert set(listed.split(": ", 1)[1].split(", ")) == set(os.listdir(out))
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+    """`himnet-fast ... | head` that stops reading: no error message, the status of SIGPIPE."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "himnet_fast", "info"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()              # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

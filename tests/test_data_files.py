@@ -56,7 +56,9 @@ def test_numpy_files_and_missing_values(tmp_path):
     np.save(tmp_path / "x.npy", sig)
     d = load_series_file(str(tmp_path / "x.npy"))
     _check(d, sig)
-    assert d.series[5, 1, 0] == 0 and "2 missing readings masked" in d.source
+    assert d.series[5, 1, 0] == 0 and d.num_missing == 2                      # targets: 0, masked
+    assert "2 missing readings (0.17%): inputs carry the last observation forward" in d.describe()
+    assert d.filled[5, 1] == np.float32(sig[4, 1]) and d.filled[6, 2] == np.float32(sig[5, 2])   # inputs
     stamps = np.datetime64("2024-01-01T00:00") + (np.arange(T) * 5).astype("timedelta64[m]")
     np.savez(tmp_path / "x.npz", data=sig[..., None].repeat(3, -1), timestamps=stamps)
     _check(load_series_file(str(tmp_path / "x.npz")), sig)                      # (T, N, C): channel 0

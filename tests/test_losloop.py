@@ -114,7 +114,31 @@ def test_format_comparison_says_whether_the_model_wins():
     assert "15 min (3)" in txt and "60 min (12)" in txt and "beats the last value" in txt
     worse = {"overall": better["overall"], "steps": [dict(m) for m in better["steps"]]}
     worse["steps"][2]["MAE"] = b["last value"]["steps"][2]["MAE"]
-    assert "does NOT beat the last value (MAE) at horizon step(s) [3]" in format_comparison(worse, b)
+    worse["steps"][11]["MAE"] = b["last value"]["steps"][11]["MAE"] + 0.01
+    assert "HimNet ties with the last value (MAE) at 15 min, beats it at 30, 45 min and loses to it at 60 min" \
+        in format_comparison(worse, b)
+
+
+def test_format_comparison_names_every_baseline_the_model_loses_to():
+    """Each baseline gets its own line: a model that beats the last value but not the
+    historical average is not summarised as beating the baselines."""
+    d = load_dataset()
+    b = baseline_metrics(d, "test", max_windows=20)
+    ha = b["historical average"]["steps"]
+    lv = b["last value"]["steps"]
+    # halfway between the two baselines at every step: worse than the better of them
+    model = {"overall": dict(b["last value"]["overall"]),
+             "steps": [dict(m, MAE=(m["MAE"] + h["MAE"]) / 2) for m, h in zip(lv, ha)]}
+    lines = format_comparison(model, b).splitlines()[-2:]
+    wins = {name: all(model["steps"][s - 1]["MAE"] < b[name]["steps"][s - 1]["MAE"] for s in (3, 6, 9, 12))
+            for name in b}
+    for line, name in zip(lines, b):
+        assert name in line
+        assert (line.endswith("at every listed horizon") and "beats" in line) == wins[name], line
+        if not wins[name]:
+            assert "loses to the " + name in line, line
+    nan = {"overall": model["overall"], "steps": [dict(m, MAE=float("nan")) for m in model["steps"]]}
+    assert "cannot be compared with the last value (MAE) at every listed horizon" in format_comparison(nan, b)
 
 
 def test_residual_output_of_zero_is_the_last_value_forecast():

@@ -64,4 +64,4 @@ def test_cli_writes_labelled_predictions(tmp_path, capsys):
     assert "PREDICTED ms" in md and "not a measurement" in md
     assert stem.with_suffix(".csv").stat().st_size > 0 and stem.with_suffix(".png").stat().st_size > 0
     assert main(["roofline", "--nodes", "0"]) == 2
-    assert "--nodes must be >= 1" in capsys.readouterr().err
+    assert "argument --nodes: expected an integer >= 1, got 0" in capsys.readouterr().err

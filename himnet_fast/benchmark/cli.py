@@ -8,6 +8,8 @@ import argparse
 import shlex
 import sys
 
+from .._argtypes import POSITIVE, integer, positive_float
+
 _OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
 _WHAT = ("himnet",) + _OPS
 _PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile", "triton", "cuda", "flex")
@@ -16,7 +18,7 @@ _PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch
 def _common(p: argparse.ArgumentParser, default_what: str) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size B (default 16)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="batch size B (default 16)")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated subset of {','.join(_PROVIDERS)} (default: all on cuda; "
                         "reference,reference-compile,torch,triton,cuda on cpu)")
@@ -29,16 +31,16 @@ def _common(p: argparse.ArgumentParser, default_what: str) -> None:
     p.add_argument("--out", default=None,
                    help="output directory (default runs/bench/<device>; the repository's committed bench/results/ "
                         "is written only when named explicitly)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per job (default 3 on cpu, 20 on cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on cpu, 3 on cuda)")
-    p.add_argument("--memory-limit-gb", type=float, default=None,
+    p.add_argument("--repeats", type=POSITIVE, default=None, help="timed calls per job (default 3 on cpu, 20 on cuda)")
+    p.add_argument("--warmup", type=integer(0), default=None, help="untimed calls first (default 1 on cpu, 3 on cuda)")
+    p.add_argument("--memory-limit-gb", type=positive_float, default=None,
                    help="per-process limit (RLIMIT_AS on cpu, memory fraction on cuda); exceeding it "
                         "is recorded as OOM")
-    p.add_argument("--timeout-s", type=float, default=None, help="per-job wall-clock limit (recorded as timeout)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--timeout-s", type=positive_float, default=None, help="per-job wall-clock limit (recorded as timeout)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch intra-op threads in each worker (default: torch's own choice)")
     p.add_argument("--no-check", action="store_true", help="skip the agreement check against the reference")
-    p.add_argument("--check-max-nodes", type=int, default=1024,
+    p.add_argument("--check-max-nodes", type=POSITIVE, default=1024,
                    help="check agreement at full size up to this N; above, on a 256-node graph")
 
 
@@ -163,8 +165,8 @@ def add_roofline(subparsers) -> None:
                                           "limits, for our algorithms and the original's. Predictions, not "
                                           "measurements; --measured adds a benchmark CSV's p50 beside them.")
     r.add_argument("--preset", default="pems07", help="model sizes (default pems07)")
-    r.add_argument("--nodes", type=int, default=None, help="graph size (default: the preset's)")
-    r.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    r.add_argument("--nodes", type=POSITIVE, default=None, help="graph size (default: the preset's)")
+    r.add_argument("--batch-size", type=POSITIVE, default=16, help="batch size (default 16)")
     r.add_argument("--measured", default=None, help="a bench CSV (himnet-fast bench --device cuda) to compare with")
     r.add_argument("--out", default=None, help="write roofline_<preset>_b<B>.{csv,md,png} into this folder")
     r.set_defaults(func=_roofline)

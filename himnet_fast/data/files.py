@@ -14,10 +14,11 @@ Formats, by extension:
   PyTables, ``pip install tables``).
 
 Missing readings may be NaN or 0: NaN becomes 0, and 0 is masked out of the loss and the
-metrics (the HimNet convention). Without timestamps the time of day and day of week come from
-``start`` and ``interval_minutes``. A graph (``--graph``, N x N as CSV or ``.npy``) is
-checked and kept in ``TrafficData.extra["adj"]``; HimNet itself learns its graph and does not
-use it.
+metrics (the HimNet convention); the model's inputs carry each sensor's last observation
+forward over them (``TrafficData.fill_missing``), so the last input step is the last observed
+value. Without timestamps the time of day and day of week come from ``start`` and
+``interval_minutes``. A graph (``--graph``, N x N as CSV or ``.npy``) is checked and kept in
+``TrafficData.extra["adj"]``; HimNet itself learns its graph and does not use it.
 """
 from __future__ import annotations
 
@@ -234,4 +235,4 @@ def load_series_file(path: str, *, start: Optional[str] = None, interval_minutes
         ratios = (0.7, 0.8) if protocol == "tgcn" else (0.7, 0.1, 0.2)
     return from_signal(signal, start=start_s, step_minutes=interval, ratios=ratios, name="custom",
                        in_steps=in_steps, out_steps=out_steps, protocol=protocol, tod=tod, dow=dow,
-                       source=f"{path} ({int(missing.sum())} missing readings masked{note})", extra=extra)
+                       source=path + (f" ({note[2:]})" if note else ""), extra=extra, fill_missing=True)

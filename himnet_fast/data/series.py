@@ -5,6 +5,13 @@ signal (flow or speed), channel 1 the time of day as a fraction of the day in [0
 channel 2 the day of week 0..6 (Monday = 0). A window starting at ``s`` has inputs
 ``series[s : s + 12]`` and targets ``series[s + 12 : s + 24]``; HimNet's ``index.npz`` stores
 it as the row ``[s, s + 12, s + 24]``.
+
+Missing readings are 0 in ``series[..., 0]`` (NaN in a file becomes 0): the masked losses and
+metrics leave those targets out. What the model is fed for them depends on the data: the
+paper's benchmarks keep the original convention (a 0 input, so results stay comparable), while
+``fill_missing`` data (your own series, Los-loop) carry each sensor's last observation forward
+(:func:`carry_forward`), so an input never sees a value from after its own step and the last
+input step of a window is the last *observed* value.
 """
 from __future__ import annotations
 
@@ -31,7 +38,10 @@ DATASET_INFO: Dict[str, dict] = {
     "PEMS08_SAMPLE": dict(num_nodes=170, num_steps=1282, start="2016-07-01 00:00", split=(0.6, 0.2, 0.2)),
     # T-GCN protocol: "split" are step boundaries (train steps < 70%, validation 70-80%, test the
     # last 20%), see split_windows_by_steps. Bundled (himnet_fast/datasets/losloop.npz).
-    "LOSLOOP": dict(num_nodes=207, num_steps=2016, start="2012-03-01 00:00", split=(0.7, 0.8), protocol="tgcn"),
+    # fill_missing: inputs carry the last observation forward (the bundled file is complete; a
+    # synthetic stand-in is not).
+    "LOSLOOP": dict(num_nodes=207, num_steps=2016, start="2012-03-01 00:00", split=(0.7, 0.8), protocol="tgcn",
+                    fill_missing=True),
 }
 
 # Horizons reported beside the overall metrics (steps of the 12 predicted): 15/30/45/60 min.
@@ -121,8 +131,14 @@ class WindowSplit:
 class TrafficData:
     """A series with its split windows and scaler. Build it with :func:`traffic_data`.
 
-    ``series`` (T, N, 3) float32, unscaled. ``splits`` maps "train"/"val"/"test" to
-    :class:`WindowSplit`. Batches are gathered lazily by :meth:`batch`.
+    ``series`` (T, N, 3) float32, unscaled, 0 where a reading is missing. ``splits`` maps
+    "train"/"val"/"test" to :class:`WindowSplit`. Batches are gathered lazily by :meth:`batch`.
+
+    ``fill_missing``: the model's inputs carry each sensor's last observation forward over
+    missing readings (``filled``, (T, N), kept only when something is missing; before a
+    sensor's first reading, ``fill_values`` (N,): its mean over the training inputs).
+    Otherwise a missing reading is a 0 input, as the original. ``num_missing`` counts the
+    missing readings (zeros of ``series[..., 0]``); targets are never filled.
     """
 
     series: np.ndarray
@@ -133,6 +149,10 @@ class TrafficData:
     out_steps: int = 12
     source: str = ""
     extra: dict = field(default_factory=dict)
+    fill_missing: bool = False
+    filled: Optional[np.ndarray] = None
+    fill_values: Optional[np.ndarray] = None
+    num_missing: int = 0
 
     @property
     def num_nodes(self) -> int:
@@ -142,22 +162,78 @@ class TrafficData:
     def num_steps(self) -> int:
         return self.series.shape[0]
 
+    @property
+    def input_signal(self) -> np.ndarray:
+        """(T, N): what the model's inputs are made of (missing readings filled or 0)."""
+        return self.filled if self.filled is not None else self.series[..., 0]
+
     def batch(self, split: str, positions) -> Batch:
         """Gather the windows ``splits[split].starts[positions]`` into a :class:`Batch`."""
         starts = self.splits[split].starts[np.asarray(positions, dtype=np.int64)]
         xi = starts[:, None] + np.arange(self.in_steps)                    # (B, T_in)
         yi = starts[:, None] + self.in_steps + np.arange(self.out_steps)   # (B, T_out)
         x = torch.from_numpy(self.series[xi])                              # (B, T_in, N, 3), a copy
+        if self.filled is not None:
+            x[..., 0] = torch.from_numpy(self.filled[xi])
         y = torch.from_numpy(self.series[yi])                              # (B, T_out, N, 3)
         x[..., 0] = self.scaler.transform(x[..., 0])
         target = y[..., :1].clone()
         labels = self.scaler.transform(target)
         return Batch(x, y[..., 1:3].contiguous(), labels, target)
 
+    def missing_note(self) -> str:
+        """How many readings are missing and what the model and the metrics make of them."""
+        if self.num_missing == 0:
+            return "no missing readings"
+        share = 100.0 * self.num_missing / self.series[..., 0].size
+        head = f"{self.num_missing:,} missing readings ({share:.2g}%)"
+        if self.fill_missing:
+            return f"{head}: inputs carry the last observation forward; the metrics and masked losses skip them"
+        return f"{head}: 0 as inputs (the original's convention); the metrics and masked losses skip them"
+
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         return (f"{self.name}: {self.num_steps} steps x {self.num_nodes} nodes ({sizes} windows; "
-                f"scaler mean {self.scaler.mean:.3f} std {self.scaler.std:.3f}){' from ' + self.source if self.source else ''}")
+                f"scaler mean {self.scaler.mean:.3f} std {self.scaler.std:.3f}; {self.missing_note()})"
+                f"{' from ' + self.source if self.source else ''}")
+
+    def checkpoint_meta(self) -> dict:
+        """What a model trained on these data needs to forecast from raw readings (stored in
+        checkpoints, plain containers only): sizes, scaler, step, units and the missing-value fill."""
+        return {"name": self.name, "num_nodes": self.num_nodes, "in_steps": self.in_steps,
+                "out_steps": self.out_steps, "scaler_mean": self.scaler.mean, "scaler_std": self.scaler.std,
+                "step_minutes": int(self.extra.get("step_minutes", 5)), "units": str(self.extra.get("units", "")),
+                "fill_missing": bool(self.fill_missing),
+                "fill_values": None if self.fill_values is None else [float(v) for v in self.fill_values]}
+
+
+def carry_forward(signal: np.ndarray, missing: np.ndarray, initial) -> np.ndarray:
+    """Fill each sensor's missing readings with its last observation before them.
+
+    ``signal`` (T, N), ``missing`` (T, N) bool, ``initial`` (N,) or a scalar: the value used
+    before a sensor's first observation. Only earlier steps are read, so a filled input never
+    holds a value from its future. Returns float32 (T, N).
+    """
+    T, N = signal.shape
+    idx = np.where(missing, -1, np.arange(T, dtype=np.int64)[:, None])      # (T, N) last observed step
+    np.maximum.accumulate(idx, axis=0, out=idx)
+    observed = np.take_along_axis(signal, np.maximum(idx, 0), axis=0)
+    init = np.broadcast_to(np.asarray(initial, dtype=np.float64), (N,))
+    return np.where(idx >= 0, observed, init[None, :]).astype(np.float32)
+
+
+def sensor_means(signal: np.ndarray, missing: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Each sensor's mean over its observed readings in steps [lo, hi) (float64 (N,)); the mean
+    of all observed readings there for a sensor without one, then of the whole series."""
+    obs, m = signal[lo:hi].astype(np.float64), ~missing[lo:hi]
+    count = m.sum(0)
+    total = np.where(m, obs, 0.0).sum(0)
+    if count.sum() > 0:
+        fallback = total.sum() / count.sum()
+    else:
+        every = ~missing
+        fallback = float(signal[every].astype(np.float64).mean()) if every.any() else 0.0
+    return np.where(count > 0, total / np.maximum(count, 1), fallback)
 
 
 def parse_start(start) -> _dt.datetime:
@@ -231,11 +307,13 @@ def split_windows_by_steps(num_steps: int, boundaries: Sequence[float] = (0.7, 0
 
 def traffic_data(series: np.ndarray, starts: Mapping[str, np.ndarray], *, name: str = "custom",
                  in_steps: int = 12, out_steps: int = 12, source: str = "",
-                 scaler: Optional[StandardScaler] = None) -> TrafficData:
+                 scaler: Optional[StandardScaler] = None, fill_missing: bool = False) -> TrafficData:
     """Validate a ``(T, N, >=3)`` series and split window starts and fit the scaler on train.
 
-    Raises ValueError for a wrong shape, NaN/inf values, time features out of range, missing
-    splits, or windows that run past the end of the series.
+    ``fill_missing``: the inputs carry each sensor's last observation forward over missing
+    readings (zeros of channel 0) instead of feeding 0; the scaler is then fitted on those
+    inputs. Raises ValueError for a wrong shape, NaN/inf values, time features out of range,
+    missing splits, or windows that run past the end of the series.
     """
     if not isinstance(series, np.ndarray):
         raise TypeError(f"series must be a numpy array, got {type(series).__name__}")
@@ -269,9 +347,23 @@ def traffic_data(series: np.ndarray, starts: Mapping[str, np.ndarray], *, name: 
             raise ValueError(f"{s} windows run past the series: starts in [{st.min()}, {st.max()}] need "
                              f"start + {in_steps + out_steps} <= T = {T}")
         splits[s] = WindowSplit(s, st)
+    signal = series[..., 0]
+    missing = signal == 0
+    num_missing = int(missing.sum())
+    filled = fill_values = None
+    if fill_missing:
+        train = splits["train"].starts
+        # the steps the scaler is fitted on: a sensor's first value, when it starts missing, is
+        # its mean over the training inputs (nothing from after the step it fills, beyond them)
+        lo, hi = (int(train.min()), int(train.max()) + in_steps) if len(train) else (0, T)
+        fill_values = sensor_means(signal, missing, lo, hi)
+        if num_missing:
+            filled = carry_forward(signal, missing, fill_values)
     if scaler is None:
-        scaler = StandardScaler.fit(series[..., 0], splits["train"].starts, in_steps)
-    return TrafficData(series, splits, scaler, name=name, in_steps=in_steps, out_steps=out_steps, source=source)
+        scaler = StandardScaler.fit(signal if filled is None else filled, splits["train"].starts, in_steps)
+    return TrafficData(series, splits, scaler, name=name, in_steps=in_steps, out_steps=out_steps, source=source,
+                       fill_missing=bool(fill_missing), filled=filled, fill_values=fill_values,
+                       num_missing=num_missing)
 
 
 def _npz(path: str, keys: Sequence[str]):
@@ -334,12 +426,13 @@ def load_pems_npz(path: str, *, start="2016-07-01 00:00", step_minutes: int = 5,
 def from_signal(signal: np.ndarray, *, start="2016-07-01 00:00", step_minutes: int = 5,
                 ratios: Sequence[float] = (0.6, 0.2, 0.2), name: str = "custom", in_steps: int = 12,
                 out_steps: int = 12, source: str = "", protocol: str = "himnet", tod=None, dow=None,
-                extra: Optional[dict] = None) -> TrafficData:
+                extra: Optional[dict] = None, fill_missing: bool = False) -> TrafficData:
     """A (T, N) signal -> TrafficData with derived time features and a chronological split.
 
     ``protocol="himnet"``: ``ratios`` (train, val, test) of the windows (:func:`split_windows`).
     ``protocol="tgcn"``: ``ratios`` = the two step boundaries (:func:`split_windows_by_steps`).
     ``tod``/``dow`` (T,) override the features derived from ``start`` (real timestamps).
+    ``fill_missing``: inputs carry the last observation forward (see :func:`traffic_data`).
     """
     if not isinstance(signal, np.ndarray) or signal.ndim != 2:
         raise ValueError(f"signal must be a numpy array of shape (T, N), got {getattr(signal, 'shape', type(signal))}")
@@ -356,50 +449,10 @@ def from_signal(signal: np.ndarray, *, start="2016-07-01 00:00", step_minutes: i
         starts = split_windows_by_steps(T, ratios, in_steps, out_steps)
     else:
         raise ValueError(f"protocol must be 'himnet' or 'tgcn', got {protocol!r}")
-    data = traffic_data(series, starts, name=name, in_steps=in_steps, out_steps=out_steps, source=source)
+    data = traffic_data(series, starts, name=name, in_steps=in_steps, out_steps=out_steps, source=source,
+                        fill_missing=fill_missing)
     data.extra.update(extra or {}, protocol=protocol, step_minutes=step_minutes)
     if protocol == "tgcn":
         # T-GCN's training part (train + validation steps): the historical average is fitted on it
         data.extra["fit_end"] = int(ratios[1] * T)
     return data
-
-
-def load_dataset(name: str = "LOSLOOP", data_dir: Optional[str] = None, *, synthetic: bool = False,
-                 num_steps: Optional[int] = None, num_nodes: Optional[int] = None, seed: int = 0) -> TrafficData:
-    """Resolve a dataset by name.
-
-    * ``synthetic``: :func:`~himnet_fast.data.synthetic_traffic` with the dataset's shape and
-      start (``num_steps``/``num_nodes`` override the shape).
-    * ``data_dir``: the HimNet format (``data.npz`` + ``index.npz``) in ``data_dir`` or
-      ``data_dir/NAME``, else a raw ``NAME.npz`` (any case) in ``data_dir`` or ``data_dir/NAME``.
-    * neither: the bundled real data (``LOSLOOP``, ``PEMS08_SAMPLE``).
-    """
-    key = canonical_name(name)
-    info = DATASET_INFO[key]
-    if synthetic:
-        from .synthetic import synthetic_traffic
-        T = num_steps or info["num_steps"]
-        N = num_nodes or info["num_nodes"]
-        sig = synthetic_traffic(T, N, seed=seed, start=info["start"])
-        return from_signal(sig, start=info["start"], ratios=info["split"], name=f"{key}(synthetic {T}x{N})",
-                           source=f"synthetic seed {seed}", protocol=info.get("protocol", "himnet"))
-    if data_dir is None:
-        from .. import datasets
-        if key == "PEMS08_SAMPLE":
-            return datasets.load_pems08_sample()
-        if key == "LOSLOOP":
-            return datasets.load_losloop()
-        raise ValueError(f"dataset {key} needs --data-dir (or --synthetic); bundled: LOSLOOP, PEMS08_SAMPLE")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
-    for d in (data_dir, os.path.join(data_dir, key), os.path.join(data_dir, name)):
-        if os.path.isfile(os.path.join(d, "data.npz")) and os.path.isfile(os.path.join(d, "index.npz")):
-            return load_himnet_dir(d, name=key)
-    for d in (data_dir, os.path.join(data_dir, key), os.path.join(data_dir, name)):
-        if not os.path.isdir(d):
-            continue
-        for f in sorted(os.listdir(d)):
-            if f.lower() == key.lower() + ".npz":
-                return load_pems_npz(os.path.join(d, f), start=info["start"], ratios=info["split"], name=key)
-    raise FileNotFoundError(f"no {key} data under {data_dir!r}: expected data.npz + index.npz (HimNet format) "
-                            f"or {key}.npz (raw PEMS) in it or in its {key}/ subfolder")

@@ -265,6 +265,22 @@ class HimNet(nn.Module):
                 go = torch.where(teacher_forcing[t], labels[:, t].to(go.dtype), go)
         return torch.stack(out, dim=1)
 
+    def forecast(self, history, timestamps=None, **kwargs):
+        """The forecast after the last row of ``history``, in the units of the readings.
+
+        ``history`` (T, N): raw readings (NaN where missing) covering at least the last
+        ``in_steps`` steps; ``timestamps`` (T,): their times. Returns ``(values (out_steps, N),
+        timestamps (out_steps,))`` (:class:`~himnet_fast.data.Forecast`). For a model from
+        :meth:`from_checkpoint`: the scaler, residual output, step and missing-value fill come
+        from the checkpoint; ``kwargs`` (see :func:`himnet_fast.data.forecast`) override them.
+
+        >>> model = HimNet.from_checkpoint("runs/LOSLOOP/best.pt")               # doctest: +SKIP
+        >>> values, times = model.forecast(speeds[-288:], stamps[-288:])         # doctest: +SKIP
+        """
+        from ..data.forecast import forecast
+
+        return forecast(self, history, timestamps, **kwargs)
+
 
 def _on_device_only() -> bool:
     """Whether the code runs where it must not synchronise with the host: traced by

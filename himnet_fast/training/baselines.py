@@ -1,6 +1,7 @@
 """Naive forecasts printed beside the model: last value and historical average.
 
-* **last value** (persistence): every horizon predicts the last observed input step.
+* **last value** (persistence): every horizon predicts the last input step (the last observed
+  value where the data carry missing readings forward, as the model's inputs do).
 * **historical average** (HA): the mean of the signal per (time-of-day slot, node) over the
   training steps, looked up at each target's time of day. Zeros (missing readings) are left
   out of the means; a slot never observed falls back to the node's mean, then the global mean.
@@ -67,8 +68,8 @@ def baseline_metrics(data: TrafficData, split: str = "test", *, max_windows: Opt
             st = starts[lo:lo + 256]
             yi = st[:, None] + data.in_steps + np.arange(data.out_steps)          # (B, T_out)
             true = sig[yi]                                                         # (B, T_out, N)
-            if name == "last value":
-                pred = np.broadcast_to(sig[st + data.in_steps - 1][:, None], true.shape)
+            if name == "last value":  # the last observed value when the inputs carry it forward
+                pred = np.broadcast_to(data.input_signal[st + data.in_steps - 1][:, None], true.shape)
             else:
                 pred = profile[_slots(series[yi, 0, 1])]
             acc.update(torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float64)),
@@ -103,10 +104,40 @@ def tgcn_reference_baselines(signal: np.ndarray, *, train_frac: float = 0.8, in_
                                                      "RMSE": float(np.sqrt((err ** 2).mean()))}}
 
 
+def verdicts(model: dict, baseline: dict, steps: Sequence[int], key: str = "MAE") -> Dict[str, list]:
+    """Per listed horizon step, whether the model's ``key`` is lower ("beats"), equal ("ties"),
+    higher ("loses") than the baseline's, or not comparable ("n/a": NaN, no valid target)."""
+    out: Dict[str, list] = {"beats": [], "ties": [], "loses": [], "n/a": []}
+    for s in steps:
+        a, b = model["steps"][s - 1][key], baseline["steps"][s - 1][key]
+        out["n/a" if not (np.isfinite(a) and np.isfinite(b)) else
+            "beats" if a < b else "ties" if a == b else "loses"].append(s)
+    return out
+
+
+def verdict_line(model_name: str, baseline_name: str, verdict: Dict[str, list], *, step_minutes: int = 5,
+                 key: str = "MAE") -> str:
+    """One sentence saying at which horizons the model beats, ties or loses to one baseline."""
+    n = sum(len(v) for v in verdict.values())
+    phrases = {"beats": f"beats the {baseline_name}", "ties": f"ties with the {baseline_name}",
+               "loses": f"loses to the {baseline_name}", "n/a": f"cannot be compared with the {baseline_name}"}
+    for k, steps in verdict.items():
+        if steps and len(steps) == n:
+            return f"{model_name} {phrases[k]} ({key}) at every listed horizon"
+    parts, named = [], False
+    for k in sorted((k for k in verdict if verdict[k]), key=lambda k: min(verdict[k])):  # in horizon order
+        if verdict[k]:
+            when = ", ".join(str(s * step_minutes) for s in verdict[k]) + " min"
+            verb = phrases[k] if not named else phrases[k].replace(f"the {baseline_name}", "it")
+            parts.append(f"{verb}{f' ({key})' if not named else ''} at {when}")
+            named = True
+    return f"{model_name} " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
+
+
 def format_comparison(model: Optional[dict], baselines: Dict[str, dict], *, steps: Sequence[int] = (3, 6, 9, 12),
                       step_minutes: int = 5, model_name: str = "HimNet") -> str:
-    """A per-horizon table: MAE / RMSE / MAPE of the model and of each baseline, and a last
-    line saying whether the model beats the last value at every listed horizon."""
+    """A per-horizon table: MAE / RMSE / MAPE of the model and of each baseline, then one line
+    per baseline saying at which listed horizons the model beats it, ties or loses to it (MAE)."""
     cols = ([(model_name, model)] if model is not None else []) + list(baselines.items())
     steps = [s for s in steps if s <= len(next(iter(baselines.values()))["steps"])]
     head = f"{'horizon':>12} " + " ".join(f"{name[:24]:>24}" for name, _ in cols)
@@ -120,9 +151,7 @@ def format_comparison(model: Optional[dict], baselines: Dict[str, dict], *, step
         label = f"{s * step_minutes} min ({s})"
         lines.append(f"{label:>12} " + " ".join(cell(m["steps"][s - 1]) for _, m in cols))
     lines.append(f"{'all 12':>12} " + " ".join(cell(m["overall"]) for _, m in cols))
-    if model is not None and "last value" in baselines:
-        lv = baselines["last value"]
-        worse = [s for s in steps if not model["steps"][s - 1]["MAE"] < lv["steps"][s - 1]["MAE"]]
-        lines.append(f"{model_name} beats the last value (MAE) at every listed horizon" if not worse else
-                     f"{model_name} does NOT beat the last value (MAE) at horizon step(s) {worse}")
+    if model is not None:
+        for name, metrics in baselines.items():
+            lines.append(verdict_line(model_name, name, verdicts(model, metrics, steps), step_minutes=step_minutes))
     return "\n".join(lines)

@@ -13,10 +13,21 @@ Heavy imports (torch, numpy) happen inside the handlers so ``himnet-fast info`` 
 """
 from __future__ import annotations
 
-import argparse  # noqa: F401  (used in annotations)
+import argparse
 import json
 import os
 import sys
+from typing import Optional
+
+from .._argtypes import POSITIVE as _POSITIVE, SEED as _SEED, positive_float as _positive_float
+
+
+def _interval(text: str) -> int:
+    """argparse type: minutes between steps, dividing a day (the time-of-day slots need it)."""
+    value = _POSITIVE(text)
+    if 1440 % value:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes dividing a day (1440), got {value}")
+    return value
 
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
@@ -33,20 +44,21 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default) -> None:
     p.add_argument("--graph", metavar="PATH", help="--data: optional N x N graph (CSV or .npy), checked and kept")
     p.add_argument("--start-time", help="--data without timestamps: time of the first step, 'YYYY-MM-DD HH:MM' "
                                         "(default 2000-01-03 00:00, a Monday)")
-    p.add_argument("--interval", type=int, help="--data without timestamps: minutes between steps (default 5)")
+    p.add_argument("--interval", type=_interval, help="--data without timestamps: minutes between steps (default 5)")
     p.add_argument("--protocol", choices=("tgcn", "himnet"),
                    help="--data: tgcn (default: train on the first 70%% of steps, validate on the next 10%%, test "
                         "on the last 20%%) or himnet (windows split 7:1:2)")
-    p.add_argument("--steps", type=int, help="synthetic: number of 5-minute steps (default: the dataset's)")
-    p.add_argument("--nodes", type=int, help="synthetic: number of sensors (default: the dataset's)")
-    p.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
-    p.add_argument("--limit-batches", type=int, help="at most K batches per epoch and per evaluation (smoke runs)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the preset's, 16)")
+    p.add_argument("--steps", type=_POSITIVE, help="synthetic: number of 5-minute steps (default: the dataset's)")
+    p.add_argument("--nodes", type=_POSITIVE, help="synthetic: number of sensors (default: the dataset's)")
+    p.add_argument("--data-seed", type=_SEED, default=0, help="synthetic: generator seed")
+    p.add_argument("--limit-batches", type=_POSITIVE,
+                   help="at most K batches per epoch and per evaluation (smoke runs)")
+    p.add_argument("--batch-size", type=_POSITIVE, help="batch size (default: the preset's, 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", help="himnet_fast backend: auto, torch, triton, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=_POSITIVE,
                    help="CPU threads for torch (default: 1 for LOSLOOP, PEMS08_SAMPLE and --data, whose small "
                         "models gain little from more and lose several times on a busy machine; else torch's)")
 
@@ -57,22 +69,21 @@ def add_subcommands(sub) -> None:
                                    "stopping, teacher forcing). Writes OUT/checkpoint.pt (latest), OUT/best.pt, "
                                    "OUT/metrics.json and OUT/loss_curve.png. Under torchrun: DDP.")
     _add_data_args(t, None)
-    t.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's; 200 for the benchmarks)")
+    t.add_argument("--epochs", type=_POSITIVE, help="maximum epochs (default: the preset's; 200 for the benchmarks)")
     t.add_argument("--out", help="output folder (default: runs/DATASET); an existing run is not overwritten "
                                  "unless --overwrite")
     t.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt, or its folder)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_SEED, help="seed of the weights, batch order and teacher forcing (default 0)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
-    t.add_argument("--model", default="himnet", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d",
-                                                         "hyperst-gcgru", "sba"),
+    t.add_argument("--model", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d", "hyperst-gcgru", "sba"),
                    help="which forecaster to train (default himnet; the others are in himnet_fast.models and "
                         "use the signal channel; the HyperST models need sensor coordinates and a graph, sba a graph)")
-    t.add_argument("--hidden-dim", type=int, help="override the preset's hidden size")
-    t.add_argument("--lr", type=float, help="override the preset's learning rate")
-    t.add_argument("--tf-decay-steps", type=int, help="override the preset's teacher-forcing decay")
-    t.add_argument("--patience", type=int, help="early-stopping patience (default 20)")
-    t.add_argument("--save-every", type=int, help="also write checkpoint.pt every K batches")
+    t.add_argument("--hidden-dim", type=_POSITIVE, help="override the preset's hidden size")
+    t.add_argument("--lr", type=_positive_float, help="override the preset's learning rate")
+    t.add_argument("--tf-decay-steps", type=_POSITIVE, help="override the preset's teacher-forcing decay")
+    t.add_argument("--patience", type=_POSITIVE, help="early-stopping patience (default 20)")
+    t.add_argument("--save-every", type=_POSITIVE, help="also write checkpoint.pt every K batches")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="masked MAE/RMSE/MAPE per horizon of a checkpoint",
@@ -146,7 +157,7 @@ def _init_distributed(device_arg):
 
 def _load_data(args, name, source=None):
     """(TrafficData, source dict stored in the checkpoint to load the same data again)."""
-    from ..data.series import load_dataset
+    from ..data.catalog import load_dataset
 
     source = dict(source or {})
     if args.data:
@@ -169,8 +180,21 @@ def _load_data(args, name, source=None):
     return load_dataset(name, **source), source
 
 
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.json", "loss_curve.png", "forecast_vs_truth.png",
+             "error_by_horizon.png")
+
+
 def _existing_run(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in ("checkpoint.pt", "best.pt", "metrics.json"))
+
+
+def _clear_run(folder: str) -> None:
+    """--overwrite: remove the previous run's files (only those a run writes), so none of them
+    is left to be mistaken for the new run's."""
+    for f in RUN_FILES:
+        path = os.path.join(folder, f)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def _resume_path(arg: str) -> str:
@@ -188,16 +212,29 @@ def _print_comparison(summary, data, architecture: str = "himnet") -> None:
     print(comparison_table(summary["test"], summary["baselines"], data, architecture))
 
 
-def _set_threads(args, device) -> None:
+# Small models on small data: more threads gain little and lost several times per batch on a
+# busy machine (measured), so these runs default to one.
+_ONE_THREAD = ("LOSLOOP", "PEMS08_SAMPLE", "custom")
+
+
+def _set_threads(args, device, dataset: str, recorded: Optional[int] = None) -> None:
+    """--threads if given, else the thread count ``recorded`` in the checkpoint a run continues,
+    else one thread for the small CPU runs (``dataset`` in _ONE_THREAD) and torch's default otherwise."""
     import torch
 
+    from ..data.series import canonical_name
+
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and (args.data or (args.dataset or "LOSLOOP").upper().replace("-", "").replace("_", "")
-                                   in ("LOSLOOP", "PEMS08SAMPLE")) and not getattr(args, "resume", None):
-        torch.set_num_threads(1)
+    elif recorded is not None:
+        torch.set_num_threads(int(recorded))
+    elif device.type == "cpu":
+        try:
+            dataset = "custom" if dataset == "custom" else canonical_name(dataset)
+        except ValueError:
+            return  # an unknown name is reported when the data are loaded
+        if dataset in _ONE_THREAD:
+            torch.set_num_threads(1)
 
 
 def _canonical(name: str) -> str:
@@ -220,24 +257,54 @@ def build_trainer(data, config, **kwargs):
         raise UserError(str(exc)) from exc
 
 
+# Settings that define a run: a resumed run takes them from its checkpoint, so the flags are refused.
+_RUN_SETTINGS = (("batch_size", "--batch-size"), ("lr", "--lr"), ("hidden_dim", "--hidden-dim"),
+                 ("tf_decay_steps", "--tf-decay-steps"), ("seed", "--seed"), ("amp", "--amp"), ("model", "--model"),
+                 ("backend", "--backend"))
+
+
+def _resume_device(args, path: str, runtime: dict):
+    """--device if given, else the device the run used (recorded in its checkpoint)."""
+    if args.device or not runtime.get("device"):
+        return _init_distributed(args.device)
+    try:
+        return _init_distributed(runtime["device"])
+    except UserError as exc:
+        raise UserError(f"--resume {path}: the run trained on {runtime['device']}, which is not available here "
+                        f"({str(exc).split(': ', 1)[-1]}); pass --device to continue elsewhere") from None
+
+
 def _train(args) -> int:
     import torch
 
     from .config import TrainConfig
     from .loop import Trainer, TrainingInterrupted
 
-    device = _init_distributed(args.device)
-    _check_backend(args.backend, device)
-    _set_threads(args, device)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    log = print if rank == 0 else (lambda msg: None)
-    progress = not args.no_progress
+    state = None
     if args.resume:
         from .. import checkpoint as ckpt
         path = _resume_path(args.resume)
         state = ckpt.load(path)
         if not ckpt.is_training_checkpoint(state) or state.get("kind") != "latest":
             raise UserError(f"--resume {path}: not a resumable himnet_fast training checkpoint (checkpoint.pt)")
+        given = [flag for key, flag in _RUN_SETTINGS if getattr(args, key) not in (None, False)]
+        if given:
+            raise UserError(f"--resume continues the run with the settings in its checkpoint; {', '.join(given)} "
+                            f"cannot change (allowed: --epochs, --patience, --limit-batches, --save-every, --out, "
+                            f"--device, --threads)")
+        runtime = dict(state.get("runtime") or {})
+        device = _resume_device(args, path, runtime)
+        # the run's own thread count; a checkpoint from before it was recorded gets the rule a fresh
+        # run of its dataset follows, which is what that run used unless --threads was given
+        _set_threads(args, device, state["config"]["dataset"], runtime.get("threads"))
+    else:
+        device = _init_distributed(args.device)
+        _check_backend(args.backend, device)
+        _set_threads(args, device, "custom" if args.data else (args.dataset or "LOSLOOP"))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    log = print if rank == 0 else (lambda msg: None)
+    progress = not args.no_progress
+    if state is not None:
         cfg = state["config"]
         data, _ = _load_data(args, args.dataset or cfg["dataset"], cfg.get("data_source"))
         out = args.out or os.path.dirname(os.path.abspath(path))
@@ -245,6 +312,8 @@ def _train(args) -> int:
         if not same and _existing_run(out) and not args.overwrite:
             raise UserError(f"--out {out} already holds another run; pick a new folder or add --overwrite")
         os.makedirs(out, exist_ok=True)
+        if not same and args.overwrite:
+            _clear_run(out)
         trainer = Trainer.resume(path, data, device=device, out_dir=out, progress=progress, log=log,
                                  max_epochs=args.epochs, patience=args.patience, limit_batches=args.limit_batches,
                                  save_every=args.save_every)
@@ -254,8 +323,10 @@ def _train(args) -> int:
         name = "custom" if args.data else (args.dataset or "LOSLOOP")
         out = args.out or os.path.join("runs", "custom" if args.data else _canonical(name))
         if _existing_run(out) and not args.overwrite:
-            raise UserError(f"--out {out} already holds a run: continue it with --resume "
-                            f"{os.path.join(out, 'checkpoint.pt')}, replace it with --overwrite, or pick another --out")
+            ck = os.path.join(out, "checkpoint.pt")
+            resume = f"continue it with --resume {ck}, " if os.path.isfile(ck) else ""
+            raise UserError(f"--out {out} already holds a run: {resume}replace it with --overwrite, "
+                            f"or pick another --out")
         data, source = _load_data(args, name)
         cfg = TrainConfig.from_preset(name, max_epochs=args.epochs, batch_size=args.batch_size,
                                       limit_batches=args.limit_batches, seed=args.seed, amp=args.amp or None,
@@ -263,6 +334,8 @@ def _train(args) -> int:
                                       patience=args.patience, save_every=args.save_every, backend=args.backend,
                                       data_source=source, architecture=args.model)
         os.makedirs(out, exist_ok=True)
+        if args.overwrite:
+            _clear_run(out)
         trainer = build_trainer(data, cfg, device=device, out_dir=out, progress=progress, log=log)
     log(data.describe())
     from .config import model_label
@@ -270,7 +343,7 @@ def _train(args) -> int:
              else {"hidden_dim": trainer.config.model.get("hidden_dim")})
     log(f"model: {model_label(trainer.config.architecture)}, "
         f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters {sizes}"
-        f"{' (predicts the change from the last input step)' if trainer.config.residual else ''}; "
+        f"{' (predicts the change from the last observed value)' if trainer.config.residual else ''}; "
         f"device {device}, {torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
     try:
         summary = trainer.fit()
@@ -281,7 +354,8 @@ def _train(args) -> int:
         return 130
     if rank == 0 and summary.get("test"):
         _print_comparison(summary, data, trainer.config.architecture)
-        print(f"outputs in {out}: best.pt, checkpoint.pt, metrics.json and plots (*.png)")
+        written = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+        print(f"outputs in {out}: {', '.join(written)}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -296,10 +370,11 @@ def _evaluate(args) -> int:
 
     device = _device(args.device)
     _check_backend(args.backend, device)
-    _set_threads(args, device)
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     state = ckpt.load(args.checkpoint)
+    name = args.dataset or (state["config"]["dataset"] if ckpt.is_training_checkpoint(state) else "LOSLOOP")
+    _set_threads(args, device, "custom" if args.data else name)
     if ckpt.is_training_checkpoint(state):
         cfg = state["config"]
         name = args.dataset or cfg["dataset"]
@@ -348,7 +423,7 @@ def _evaluate(args) -> int:
     if args.export_meta:
         from .interpret import export_meta_parameters
         train_starts = data.splits["train"].starts
-        node_mean = data.series[: train_starts[-1] + data.in_steps, :, 0].mean(0)
+        node_mean = data.input_signal[: train_starts[-1] + data.in_steps].mean(0)
         paths = export_meta_parameters(model, args.export_meta, node_values=node_mean)
         print("meta-parameters: " + ", ".join(paths.values()))
     return 0

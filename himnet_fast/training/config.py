@@ -9,6 +9,7 @@ printed for it.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
@@ -66,6 +67,42 @@ class TrainConfig:
             else:
                 raise TypeError(f"unknown training setting {k!r}")
         return cfg
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first setting that cannot run (a count below 1, a
+        negative or non-finite rate, ...); returns self."""
+        def count(name, value, low=1, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+
+        def number(name, value, positive=False):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+        count("max_epochs", self.max_epochs)
+        count("batch_size", self.batch_size)
+        count("eval_batch_size", self.eval_batch_size, optional=True)
+        count("patience", self.patience)
+        count("limit_batches", self.limit_batches, optional=True)
+        count("save_every", self.save_every, optional=True)
+        count("seed", self.seed, low=0)
+        if self.seed >= 2 ** 32:  # numpy's global RNG (teacher forcing) takes 32-bit seeds
+            raise ValueError(f"seed must be below 2**32, got {self.seed}")
+        number("lr", self.lr)
+        number("eps", self.eps)
+        number("weight_decay", self.weight_decay)
+        number("gamma", self.gamma, positive=True)
+        number("clip_grad", self.clip_grad)
+        if not isinstance(self.milestones, (list, tuple)) or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.milestones):
+            raise ValueError(f"milestones must be a list of epochs >= 1, got {self.milestones!r}")
+        for key in ("hidden_dim", "tf_decay_steps"):
+            if key in self.model:
+                count(key, self.model[key])
+        return self
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # plain containers only

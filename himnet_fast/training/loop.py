@@ -36,7 +36,7 @@ from .. import checkpoint as ckpt
 from . import outputs
 from .baselines import baseline_metrics
 from .config import TrainConfig, build_run_model, seed_everything
-from .protocol import MetricAccumulator, loss_fn, teacher_labels, to_forecast
+from .protocol import MetricAccumulator, _normalise_loss, loss_fn, teacher_labels, to_forecast
 
 
 def _dist_info():
@@ -149,11 +149,16 @@ class Trainer:
         self.progress = progress
         self.rank, self.world = _dist_info()
         self._log = log
-        if config.model.get("num_nodes", data.num_nodes) != data.num_nodes:
+        config.validate()
+        preset_nodes = config.model.get("num_nodes")
+        if preset_nodes is not None and preset_nodes != data.num_nodes:
             # the preset's size is the benchmark's; a subset or synthetic stand-in has its own
-            self.log(f"note: the preset has {config.model['num_nodes']} nodes, the data {data.num_nodes}: "
+            self.log(f"note: the {config.dataset} preset has {preset_nodes} nodes, the data {data.num_nodes}: "
                      f"using {data.num_nodes}")
         config.model["num_nodes"] = data.num_nodes
+        if data.num_missing and _normalise_loss(config.loss) == "huber":
+            self.log(f"note: the Huber loss (the paper's) is not masked: it trains on the {data.num_missing:,} "
+                     f"missing readings of {data.name} as targets of 0 too; the metrics leave them out")
         seed_everything(config.seed)
         if model is None:
             model = build_run_model(config, data)
@@ -304,7 +309,9 @@ class Trainer:
         if cfg.limit_batches:
             n_test = min(n_test, cfg.limit_batches * (cfg.eval_batch_size or cfg.batch_size))
         self.baselines = baseline_metrics(self.data, "test", max_windows=n_test)
-        self.log(f"test (best epoch {self.best_epoch}): MAE {test['overall']['MAE']:.3f}  "
+        which = (f"best epoch {self.best_epoch}" if self.best_state is not None else
+                 "the last model: no epoch had a finite validation loss")
+        self.log(f"test ({which}): MAE {test['overall']['MAE']:.3f}  "
                  f"RMSE {test['overall']['RMSE']:.3f}  MAPE {test['overall']['MAPE']:.2f}%")
         self.write_metrics()
         self.plot_losses()
@@ -320,11 +327,14 @@ class Trainer:
                 "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
                 "order_seed": self.order.seed, "world_size": self.world}
 
+    def runtime(self) -> dict:
+        """Where and how the run executes (not part of its definition, but a resumed run should
+        match it: two threads instead of one made the small presets' epochs several times slower)."""
+        return {"device": str(self.device), "threads": torch.get_num_threads(), "world_size": self.world}
+
     def _common(self) -> dict:
-        return {"format": ckpt.FORMAT, "config": self.config.to_dict(),
-                "data": {"name": self.data.name, "num_nodes": self.data.num_nodes, "in_steps": self.data.in_steps,
-                         "out_steps": self.data.out_steps, "scaler_mean": self.data.scaler.mean,
-                         "scaler_std": self.data.scaler.std}}
+        return {"format": ckpt.FORMAT, "config": self.config.to_dict(), "data": self.data.checkpoint_meta(),
+                "runtime": self.runtime()}
 
     def state_dict(self) -> dict:
         d = self._common()
@@ -391,7 +401,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "data": self.data.describe(), "counters": self.counters(),
+        return {"config": self.config.to_dict(), "data": self.data.describe(), "runtime": self.runtime(),
+                "counters": self.counters(),
                 "history": self.history, "test": getattr(self, "test_metrics", None),
                 "baselines": getattr(self, "baselines", None),
                 "num_parameters": sum(p.numel() for p in self.model.parameters())}

@@ -14,6 +14,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from ..data.forecast import to_forecast  # noqa: F401  (re-exported: the model's output units live in the data layer)
 from ..presets import PRESETS as _PRESETS
 
 MODEL_KEYS = ("num_nodes", "hidden_dim", "tod_embedding_dim", "dow_embedding_dim", "node_embedding_dim",
@@ -84,6 +85,8 @@ def training_preset(name: str) -> dict:
     if key in ("PEMS08_SAMPLE", "LOSLOOP", "CUSTOM"):
         out = dict(COMMON)
         out.update(SAMPLE_PRESET if key == "PEMS08_SAMPLE" else SMALL_PRESET)
+        if key == "CUSTOM":
+            out["num_nodes"] = None  # the user's series sizes the model; there is no benchmark size to differ from
         return _copy(out)
     base = dict(PAPER_PRESETS[key])
     base["loss"] = _normalise_loss(base["loss"])
@@ -184,24 +187,14 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def to_forecast(out: torch.Tensor, x: torch.Tensor, scaler, residual: bool = False) -> torch.Tensor:
-    """Raw-unit forecast (B, T_out, N, 1) from the model's output ``out`` (same shape) and its
-    input ``x`` (B, T_in, N, C) with ``x[..., 0]`` scaled.
-
-    ``residual=False`` (the paper): ``out`` is the scaled signal. ``residual=True`` (the small
-    CPU preset): ``out`` is the change from the last input step in units of the scaler's std,
-    so an untrained model starts from the last-value forecast and a few minutes of training
-    improve on it instead of first having to learn to copy its input.
-    """
-    if not residual:
-        return scaler.inverse_transform(out.float())
-    last = scaler.inverse_transform(x[:, -1, :, :1].float())          # (B, N, 1)
-    return last[:, None] + out.float() * scaler.std
-
-
 def teacher_labels(batch, scaler, residual: bool = False) -> torch.Tensor:
-    """What the decoder is fed under teacher forcing: the targets in the model's output units."""
+    """What the decoder is fed under teacher forcing: the targets in the model's output units.
+
+    Residual: a missing target (0) becomes no change from the last value, not the drop to 0 that
+    the raw difference would feed the decoder. Not residual: the scaled targets, missing ones
+    included, as the original."""
     if not residual:
         return batch.labels
     last = scaler.inverse_transform(batch.x[:, -1, :, :1].float())
-    return (batch.target - last[:, None]) / scaler.std
+    change = (batch.target - last[:, None]) / scaler.std
+    return torch.where(batch.target != 0, change, torch.zeros_like(change))
