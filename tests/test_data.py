@@ -180,57 +180,9 @@ def test_scaler_rejects_constant_signal():
     assert d.series.shape == (60, 5, 3)
 
 
-def _relative_imports(path, package):
-    """Modules imported by ``path`` (module of ``package``, e.g. "himnet_fast.data"), at any depth
-    (function-level imports included), as dotted names."""
-    import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                prefix = ".".join(base + ([node.module] if node.module else []))
-            else:
-                prefix = node.module or ""
-            out.add(prefix)
-            out.update(f"{prefix}.{a.name}" for a in node.names)   # `from .. import datasets`
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
-
-
-def test_data_layer_imports_point_one_way():
-    """himnet_fast.data imports nothing above it (models, training, the datasets package that
-    re-exports its readers), and its modules import each other without a cycle."""
-    import pathlib
-
-    import himnet_fast
-
-    root = pathlib.Path(himnet_fast.__file__).parent
-    above = ("datasets", "nn", "ops", "models", "training", "sba", "kernels", "benchmark")
-    graph = {}
-    for f in sorted((root / "data").glob("*.py")):
-        deps = _relative_imports(f, "himnet_fast.data")
-        bad = sorted(d for d in deps if d.split(".")[:2] in [["himnet_fast", a] for a in above])
-        assert not bad, f"{f.name} imports {bad}"
-        graph[f.stem] = {d.split(".")[2] for d in deps if d.startswith("himnet_fast.data.") and d.count(".") >= 2}
-    graph.pop("__init__")
-    done, active = set(), []
-
-    def visit(m):
-        assert m not in active, f"import cycle: {' -> '.join(active + [m])}"
-        if m in done or m not in graph:
-            return
-        active.append(m)
-        for d in graph[m]:
-            visit(d)
-        active.pop()
-        done.add(m)
-
-    for m in graph:
-        visit(m)
-    assert "synthetic" not in graph["series"] and "catalog" not in graph["series"]
+def test_bundled_readers_defined_once():
+    """The bundled readers are defined in the data layer and re-exported by
+    himnet_fast.datasets (the layering and the absence of import cycles: tests/test_layers.py)."""
     # the bundled readers: reachable from both packages, defined once
     from himnet_fast import datasets
     from himnet_fast.data import bundled
