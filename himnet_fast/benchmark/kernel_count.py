@@ -431,7 +431,7 @@ def _tensors(tree) -> List[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
-def _custom_impl(func) -> Optional[Callable]:
+def custom_op_impl(func) -> Optional[Callable]:
     """The implementation a CUDA device would run for a ``torch.library.custom_op``."""
     from torch._library.custom_ops import OPDEFS
 
@@ -456,7 +456,7 @@ class KernelCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         ns = func.namespace
         if ns not in ("aten", "prims", "prim"):
-            impl = _custom_impl(func)
+            impl = custom_op_impl(func)
             if impl is None:
                 raise NotImplementedError(
                     f"cannot count the kernels of {func}: no implementation registered through "
