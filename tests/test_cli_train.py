@@ -272,7 +272,7 @@ def test_a_run_without_checkpoint_gets_no_resume_hint(tmp_path, capsys):
 def test_resume_uses_the_device_threads_and_settings_of_the_run(tmp_path, capsys, monkeypatch):
     """The printed resume command continues on the run's own device and thread count (recorded
     in the checkpoint), whatever the resuming process had, and with the run's settings."""
-    from himnet_fast.training import checkpoint as ckpt
+    from himnet_fast import checkpoint as ckpt
     from himnet_fast.training.loop import Trainer
 
     out = tmp_path / "r"
@@ -310,7 +310,7 @@ def test_resume_uses_the_device_threads_and_settings_of_the_run(tmp_path, capsys
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_resume_of_a_gpu_run_without_a_gpu_says_so(run, tmp_path, capsys):
-    from himnet_fast.training import checkpoint as ckpt
+    from himnet_fast import checkpoint as ckpt
 
     state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     state["runtime"]["device"] = "cuda:0"

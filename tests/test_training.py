@@ -125,10 +125,10 @@ def test_convergence_parity_with_reference(data):
     for tr, out in ((fast, fast_losses), (ref, ref_losses)):
         seed_everything(cfg.seed)  # the same teacher-forcing draws for both runs
         tr.model.train()
-        for i, pos in enumerate(tr.order.batches(0)):
+        for i, batch in enumerate(tr.batches(0)):
             if i == 20:
                 break
-            out.append(tr.train_batch(pos))
+            out.append(float(tr.train_batch(batch)))
     assert len(fast_losses) == 20
     np.testing.assert_allclose(fast_losses, ref_losses, rtol=2e-4)
     assert fast_losses[-1] < fast_losses[0]                       # it learns
@@ -141,19 +141,28 @@ def test_teacher_forcing_gets_batches_seen(data, monkeypatch):
     seen = []
     orig = tr.model.forward
 
-    def spy(x, y_cov, labels=None, batches_seen=None):
+    def spy(x, y_cov, labels=None, batches_seen=None, *, teacher_forcing=None):
         if tr.model.training:
             seen.append(batches_seen)
             assert labels is not None and labels.shape == (x.shape[0], 12, 8, 1)
-        return orig(x, y_cov, labels, batches_seen)
+            assert teacher_forcing is not None and teacher_forcing.shape == (12,)
+        return orig(x, y_cov, labels, batches_seen, teacher_forcing=teacher_forcing)
+
+    drawn = []
+    orig_mask = tr.model.teacher_forcing_mask
+
+    def spy_mask(batches_seen, device=None):  # the coins of each batch, drawn on the host before its step
+        drawn.append(batches_seen)
+        return orig_mask(batches_seen, device)
 
     monkeypatch.setattr(tr.model, "forward", spy)
+    monkeypatch.setattr(tr.model, "teacher_forcing_mask", spy_mask)
     clip_calls = []
     real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clip_calls.append(max_norm) or real_clip(params, max_norm))
     tr.fit()
-    assert seen == [0, 1, 2, 3]
+    assert seen == [0, 1, 2, 3] and drawn == [0, 1, 2, 3]
     assert clip_calls == [5.0] * 4
 
 

@@ -76,6 +76,9 @@ def add_subcommands(sub) -> None:
     t.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE (a checkpoint.pt, or its folder)")
     t.add_argument("--seed", type=_SEED, help="seed of the weights, batch order and teacher forcing (default 0)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast for the forward")
+    t.add_argument("--no-capture", action="store_true",
+                   help="on a GPU, run every training step eagerly instead of replaying it as one captured CUDA "
+                        "graph (the default there; CPU runs are always eager)")
     t.add_argument("--model", choices=("himnet", "agcrn", "hyperst-lstm-g", "hyperst-lstm-d", "hyperst-gcgru", "sba"),
                    help="which forecaster to train (default himnet; the others are in himnet_fast.models and "
                         "use the signal channel; the HyperST models need sensor coordinates and a graph, sba a graph)")
@@ -260,7 +263,7 @@ def build_trainer(data, config, **kwargs):
 # Settings that define a run: a resumed run takes them from its checkpoint, so the flags are refused.
 _RUN_SETTINGS = (("batch_size", "--batch-size"), ("lr", "--lr"), ("hidden_dim", "--hidden-dim"),
                  ("tf_decay_steps", "--tf-decay-steps"), ("seed", "--seed"), ("amp", "--amp"), ("model", "--model"),
-                 ("backend", "--backend"))
+                 ("backend", "--backend"), ("no_capture", "--no-capture"))
 
 
 def _resume_device(args, path: str, runtime: dict):
@@ -332,7 +335,8 @@ def _train(args) -> int:
                                       limit_batches=args.limit_batches, seed=args.seed, amp=args.amp or None,
                                       hidden_dim=args.hidden_dim, tf_decay_steps=args.tf_decay_steps, lr=args.lr,
                                       patience=args.patience, save_every=args.save_every, backend=args.backend,
-                                      data_source=source, architecture=args.model)
+                                      data_source=source, architecture=args.model,
+                                      capture=False if args.no_capture else None)
         os.makedirs(out, exist_ok=True)
         if args.overwrite:
             _clear_run(out)
@@ -344,7 +348,8 @@ def _train(args) -> int:
     log(f"model: {model_label(trainer.config.architecture)}, "
         f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters {sizes}"
         f"{' (predicts the change from the last observed value)' if trainer.config.residual else ''}; "
-        f"device {device}, {torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
+        f"device {device}{' (each step one captured CUDA graph)' if trainer.captures else ''}, "
+        f"{torch.get_num_threads()} thread(s); {trainer.world} process(es); output {out}")
     try:
         summary = trainer.fit()
     except TrainingInterrupted as exc:

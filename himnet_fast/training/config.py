@@ -39,6 +39,7 @@ class TrainConfig:
     patience: int = 20
     loss: str = "huber"
     amp: bool = False                           # bf16 autocast for the forward
+    capture: bool = True                        # on a GPU: the step as one CUDA graph (CapturedTrainStep)
     seed: int = 0
     limit_batches: Optional[int] = None         # per epoch, for train, val and test (smoke runs)
     save_every: Optional[int] = None            # also write checkpoint.pt every k batches

@@ -27,14 +27,15 @@ import time
 import warnings
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 
+from ..data.device import DeviceWindows
 from ..data.sampler import BatchOrder
-from ..data.series import TrafficData
+from ..data.series import Batch, TrafficData
 from .. import checkpoint as ckpt
 from . import outputs
 from .baselines import baseline_metrics
+from .captured import CapturedTrainStep, TrainStep
 from .config import TrainConfig, build_run_model, seed_everything
 from .protocol import MetricAccumulator, _normalise_loss, loss_fn, teacher_labels, to_forecast
 
@@ -57,17 +58,30 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
+def _device_batches(windows: DeviceWindows, split: str, order: BatchOrder, epoch: int, skip: int = 0):
+    """The batches of ``order`` gathered on the device: the epoch's positions are copied there
+    once, each batch is a slice of them."""
+    positions = windows.positions(order.indices(epoch))
+    bs = order.batch_size
+    for b in range(skip, len(order)):
+        yield windows.batch(split, positions[b * bs:(b + 1) * bs])
+
+
+@torch.no_grad()
 def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size: int = 16, device="cpu",
                    limit_batches: Optional[int] = None, amp: bool = False, criterion: Optional[Callable] = None,
-                   progress: bool = False, residual: bool = False) -> dict:
+                   progress: bool = False, residual: bool = False, windows: Optional[DeviceWindows] = None) -> dict:
     """Masked MAE/RMSE/MAPE of ``model`` on a split, per horizon step and overall (raw units).
 
     Shards the windows over the ranks of an initialised process group (without padding, so
     every window counts once) and sums the statistics over the ranks. With ``criterion`` the
     result also has "loss": the mean of the per-batch losses, as the original's validation.
+    The batches are gathered on the device (``windows``, made here if not given); nothing is
+    read back to the host until the sums are.
     """
     rank, world = _dist_info()
     device = torch.device(device)
+    windows = windows if windows is not None else DeviceWindows(data, device)
     was_training = model.training
     model.eval()
     order = BatchOrder(len(data.splits[split]), batch_size, shuffle=False, rank=rank, world_size=world, pad=False,
@@ -75,14 +89,13 @@ def evaluate_model(model, data: TrafficData, split: str = "test", *, batch_size:
     acc = MetricAccumulator(data.out_steps, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     bar = _progress(len(order), f"eval {split}", progress and rank == 0)
-    for pos in order.batches(0):
-        b = data.batch(split, pos).to(device)
+    for b in _device_batches(windows, split, order, 0):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b.x, b.y_cov)
         pred = to_forecast(out, b.x, data.scaler, residual)
         acc.update(pred, b.target)
         if criterion is not None:
-            loss_sum[0] += float(criterion(pred, b.target))
+            loss_sum[0] += criterion(pred, b.target).double()
             loss_sum[1] += 1
         bar.update(1)
     bar.close()
@@ -163,13 +176,22 @@ class Trainer:
         if model is None:
             model = build_run_model(config, data)
         self.model = model.to(self.device)
+        # The series and its windows live on the device; their time features are checked there,
+        # once, so the model's per-batch check (a host synchronisation) is off inside the step.
+        self.windows = DeviceWindows(data, self.device)
+        if hasattr(self.model, "check_inputs"):
+            self.model.check_inputs = False
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DDP(self.model, device_ids=ids)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, eps=config.eps,
-                                          weight_decay=config.weight_decay)
+        # On one GPU each step is one CUDA graph (CapturedTrainStep): Adam then runs capturable,
+        # with its learning rate a device tensor that the scheduler changes in place.
+        self.captures = bool(config.capture) and self.device.type == "cuda" and self.world == 1
+        lr = torch.tensor(config.lr, device=self.device) if self.captures else config.lr
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, eps=config.eps,
+                                          weight_decay=config.weight_decay, capturable=self.captures)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.milestones),
                                                               gamma=config.gamma)
         self.criterion = loss_fn(config.loss)
@@ -179,7 +201,10 @@ class Trainer:
         self.epoch = 0              # completed epochs
         self.step_in_epoch = 0      # batches of the current epoch already trained
         self.batches_seen = 0       # drives teacher forcing
-        self.epoch_loss_sum = 0.0
+        self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device
+        clip = config.clip_grad or None
+        self.step = (CapturedTrainStep(self.model, self.optimizer, self._loss, config.batch_size, clip_grad_norm=clip)
+                     if self.captures else TrainStep(self.net, self.optimizer, self._loss, clip_grad_norm=clip))
         self.best_val = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -196,19 +221,50 @@ class Trainer:
         return None if self.out_dir is None else os.path.join(self.out_dir, name)
 
     # ------------------------------------------------------------------ training
-    def train_batch(self, positions: np.ndarray) -> float:
-        b = self.data.batch("train", positions).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            out = self.net(b.x, b.y_cov, teacher_labels(b, self.data.scaler, self.config.residual), self.batches_seen)
-        pred = to_forecast(out, b.x, self.data.scaler, self.config.residual)
-        loss = self.criterion(pred, b.target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-        self.optimizer.step()
+    @property
+    def epoch_loss_sum(self) -> float:
+        """Sum of this epoch's batch losses so far (read from the device: a synchronisation)."""
+        return float(self._epoch_loss)
+
+    @epoch_loss_sum.setter
+    def epoch_loss_sum(self, value: float) -> None:
+        self._epoch_loss.fill_(value)
+
+    def _loss(self, model, x, y_cov, labels, target, *teacher_forcing) -> torch.Tensor:
+        """Forward (teacher forcing by the given mask), raw-unit forecast, loss: what a step
+        differentiates, reading only its tensor arguments (a captured step's static buffers)."""
+        b = Batch(x, y_cov, labels, target)
+        kwargs = {"teacher_forcing": teacher_forcing[0]} if teacher_forcing else {}
+        # No autocast weight cache: its casts would be allocations private to a captured graph.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp, cache_enabled=False):
+            out = model(x, y_cov, teacher_labels(b, self.data.scaler, self.config.residual), self.batches_seen,
+                        **kwargs)
+        return self.criterion(to_forecast(out, x, self.data.scaler, self.config.residual), target)
+
+    def _teacher_forcing(self) -> list:
+        """[this batch's teacher-forcing mask] for a model with teacher forcing (the numpy coins,
+        drawn here on the host before the step), else []."""
+        if getattr(self.model, "use_teacher_forcing", False) and hasattr(self.model, "teacher_forcing_mask"):
+            return [self.model.teacher_forcing_mask(self.batches_seen, self.device)]
+        return []
+
+    def batches(self, epoch: int, skip: int = 0):
+        """The training batches of ``epoch`` after the first ``skip``, gathered on the device."""
+        return _device_batches(self.windows, "train", self.order, epoch, skip)
+
+    def train_batch(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on ``batch`` (on the device); returns the loss as a device tensor
+        (no synchronisation). A captured step replays its graph; a batch of another size (the
+        last of an epoch) runs the same step eagerly."""
+        inputs = [batch.x, batch.y_cov, batch.labels, batch.target] + self._teacher_forcing()
+        if isinstance(self.step, CapturedTrainStep):
+            full = len(batch) == self.step.batch_size
+            loss = self.step(*inputs, clone=False) if full else self.step.eager(*inputs)
+        else:
+            loss = self.step(*inputs)
+        self._epoch_loss += loss
         self.batches_seen += 1
-        return float(loss.detach())
+        return loss
 
     def fit(self, *, stop_after_batches: Optional[int] = None) -> dict:
         """Train until max_epochs or early stopping; returns the metrics summary.
@@ -234,13 +290,13 @@ class Trainer:
             t0 = time.perf_counter()
             n_batches = len(self.order)
             bar = _progress(n_batches - self.step_in_epoch, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
-            for pos in self.order.batches(self.epoch, skip=self.step_in_epoch):
-                loss = self.train_batch(pos)
-                self.epoch_loss_sum += loss
+            for batch in self.batches(self.epoch, skip=self.step_in_epoch):
+                loss = self.train_batch(batch)
                 self.step_in_epoch += 1
                 done_now += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if not bar.disable and self.step_in_epoch % 25 == 0:  # reading the loss waits for the device
+                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
                 if cfg.save_every and self.step_in_epoch % cfg.save_every == 0 and self.step_in_epoch < n_batches:
                     self.save_checkpoint()
                 if stop_after_batches is not None and done_now >= stop_after_batches:
@@ -265,7 +321,8 @@ class Trainer:
             t_train = time.perf_counter() - t0
             val = evaluate_model(self.model, self.data, "val", batch_size=cfg.eval_batch_size or cfg.batch_size,
                                  device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                                 criterion=self.criterion, progress=self.progress, residual=cfg.residual)
+                                 criterion=self.criterion, progress=self.progress, residual=cfg.residual,
+                                 windows=self.windows)
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_loss_sum = 0.0
@@ -276,7 +333,7 @@ class Trainer:
                 self.bad_epochs += 1
                 self.stopped_early = self.bad_epochs >= cfg.patience
             self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                                 "val_mae": val["overall"]["MAE"], "lr": self.optimizer.param_groups[0]["lr"],
+                                 "val_mae": val["overall"]["MAE"], "lr": float(self.optimizer.param_groups[0]["lr"]),
                                  "batches_seen": self.batches_seen, "train_seconds": t_train,
                                  "epoch_seconds": time.perf_counter() - t0})
             self.log(f"epoch {self.epoch:3d}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
@@ -302,7 +359,7 @@ class Trainer:
             current = None
         test = evaluate_model(self.model, self.data, "test", batch_size=cfg.eval_batch_size or cfg.batch_size,
                               device=self.device, limit_batches=cfg.limit_batches, amp=cfg.amp,
-                              progress=self.progress, residual=cfg.residual)
+                              progress=self.progress, residual=cfg.residual, windows=self.windows)
         self.test_metrics = test
         # the naive forecasts on exactly the windows the model was tested on
         n_test = len(self.data.splits["test"])
@@ -345,9 +402,20 @@ class Trainer:
             d["best_model"] = self.best_state
         return d
 
+    def _match_lr_form(self) -> None:
+        """A loaded optimizer state brings its learning rates in the form of the run that saved
+        it; a captured step needs device tensors (changed in place by the scheduler), an eager
+        one plain floats (a device tensor lr would make Adam's foreach path refuse to run)."""
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    value = float(group[key])
+                    group[key] = torch.tensor(value, device=self.device) if self.captures else value
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._match_lr_form()
         ckpt.load_scheduler_state(self.scheduler, state["scheduler"])
         c = state["counters"]
         if c["world_size"] != self.world:
