@@ -17,7 +17,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .series import STEPS_PER_DAY, Batch, TrafficData
+from .series import Batch, TrafficData
 
 __all__ = ["DeviceWindows", "check_time_features"]
 
@@ -33,11 +33,7 @@ def check_time_features(series: np.ndarray, what: str = "the data") -> None:
     bad_dow = ~((dow >= 0) & (dow < 7))
     if bad_dow.any():
         raise ValueError(f"x[..., 2] (day of week) must be in 0..6; {what} has {dow[bad_dow][:4].tolist()}")
-    # The model indexes with (tod * 288).long() in float32: a value just below 1 can round up.
-    slots = tod.astype(np.float32) * np.float32(STEPS_PER_DAY)
-    if (slots >= STEPS_PER_DAY).any():
-        raise ValueError(f"x[..., 1] (time of day) must be below 1 in float32 slots of the day; {what} has "
-                         f"{tod[slots >= STEPS_PER_DAY][:4].tolist()}, slot 288 after (tod * 288)")
+
 
 
 class DeviceWindows:
