@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: install, GPU tests, PEMS07 benchmark and the scaling sweep, with
-# raw results (device, versions, commit in every row and in env.txt) under one folder.
+# One command for a lent GPU: install, the headline benchmark, the GPU tests and the trainer's
+# epoch, with raw results (device, versions, commit in every row and in env.txt) under one folder.
 #
-#   bash bench/gpu_run.sh [STAGE...]      STAGE: env install tests bench compile scale (default: all)
+#   bash bench/gpu_run.sh [STAGE...]   STAGE: env install headline tests train bench compile scale
 #
-# Stages run in the order given, each under its own time limit; the whole run fits in 25 minutes
-# on one H100 (measured there: install 19 s with the CUDA extension, GPU tests 113 s, the eager
-# bench 3.5 min; the compile bench ~6.5 min, mostly torch.compile). A device call is capped at
-# 10 minutes, so split the stages over calls, e.g. "env install tests bench", then "compile",
-# then "scale". With OUT set, the tarball is rewritten after every stage, so a call cut off
-# still returns what finished. A machine without a package registry is fine: the install uses
-# --no-deps (torch, triton, pandas, pytest come with the machine). Environment:
+# The default stages (env install headline tests train) are sized to finish within 8 minutes on
+# one H100/H200, the headline table first, so a short GPU slot still yields it:
+#   headline  PEMS07 B=16, training step and inference: the original, the default eager model and
+#             the captured step in fp32, TF32 and bf16 (each provider in its own process);
+#   tests     the GPU suites (pytest -m gpu, 8 workers);
+#   train     one epoch (200 batches) of the trainer: captured, --no-capture and the original model.
+# The longer stages run on request, each under its own limit: bench (every eager provider and the
+# ops), compile (torch.compile of the original and of ours: minutes of compilation), scale (large
+# graphs). A device call is capped at 10 minutes, so split those over calls. With OUT set, a
+# tarball of RESULTS is rewritten after every stage, so a call cut off still returns what finished.
+# A machine without a package registry is fine: the install uses --no-deps (torch, triton, pandas,
+# pytest come with the machine). Environment:
 #   RESULTS   output folder (default bench/results/gpu-<gpu name>)
 #   HIMNET_FAST_GIT_COMMIT   the commit, when the tree travels without .git
 #   OUT       if set, a tarball of RESULTS is written there after every stage (one file to fetch)
-#   BATCH     batch size of the PEMS07 benchmark (default 16, the paper's)
+#   BATCH     batch size of the PEMS07 benchmarks (default 16, the paper's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(env install tests bench compile scale)
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(env install headline tests train)
 py=${PYTHON:-python3}
 gpu=$($py -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'none')" 2>/dev/null)
 if [ "$gpu" = "none" ] || [ -z "$gpu" ]; then echo "gpu_run.sh: no CUDA device visible to $py" >&2; exit 2; fi
@@ -51,25 +56,32 @@ for stage in "${stages[@]}"; do
         nvcc --version | tail -n 2; } > "$RESULTS/env.txt" 2>&1
       cat "$RESULTS/env.txt" ;;
     install)
-      run 300 install env HIMNET_FAST_BUILD_CUDA=1 $py -m pip install --no-deps --no-build-isolation -e .
+      run 120 install env HIMNET_FAST_BUILD_CUDA=1 $py -m pip install --no-deps --no-build-isolation -e .
       run 60 info $py -m himnet_fast info ;;
+    headline)  # the table asked of every GPU run: captured vs eager vs the original, train and infer
+      run 330 headline_pems07 $py -m himnet_fast bench --preset pems07 --device cuda --batch-size "$BATCH" \
+        --what himnet --modes train,infer --providers reference,torch,captured,captured-tf32,captured-bf16 \
+        --repeats 20 --timeout-s 60 --out "$RESULTS/headline"
+      [ -f "$RESULTS/headline/bench_pems07_cuda_b${BATCH}.md" ] && cat "$RESULTS/headline/bench_pems07_cuda_b${BATCH}.md" ;;
     tests)
-      # The GPU suites (compiled Triton at real sizes, the CUDA extension, captured inference),
-      # then the Triton kernel suite, which on a GPU runs compiled instead of interpreted.
-      # (tests/test_triton_kernels.py is the interpreter suite: it needs TRITON_INTERPRET=1 and
-      # CPU tensors, so it is not run here.)
-      run 420 tests_gpu $py -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/tests_gpu.xml" ;;
+      # The GPU suites (compiled Triton at real sizes, the CUDA extension, captured inference and
+      # training). (tests/test_triton_kernels.py is the interpreter suite: it needs
+      # TRITON_INTERPRET=1 and CPU tensors, so it is not run here.)
+      run 240 tests_gpu $py -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --junitxml="$RESULTS/tests_gpu.xml" ;;
+    train)  # one epoch of the trainer: captured, eager, the original model
+      run 150 train_epoch $py bench/bench_train_epoch.py --device cuda --batches 200 --out "$RESULTS/train_epoch" ;;
     bench)  # measured 3.5 min: the model and the three ops, eager providers
       run 500 bench_pems07 $py -m himnet_fast bench --preset pems07 --device cuda --batch-size "$BATCH" \
         --providers reference,torch,triton,cuda --repeats 10 --timeout-s 60 --out "$RESULTS/eager" ;;
     compile)  # measured ~6.5 min, mostly compilation: torch.compile of the original and of ours
       run 560 bench_pems07_compile $py -m himnet_fast bench --preset pems07 --device cuda --batch-size "$BATCH" \
-        --providers reference-compile,torch-compile --what himnet --repeats 10 --timeout-s 240 --out "$RESULTS/compile" ;;
+        --providers reference-compile-notf,torch-compile --what himnet --repeats 10 --timeout-s 240 \
+        --out "$RESULTS/compile" ;;
     scale)
       run 560 scale_pems07 $py -m himnet_fast scale --preset pems07 --device cuda --batch-size 1 \
         --nodes 883,2352,8600,20000,100000 --providers reference,torch,triton \
         --modes train --repeats 5 --timeout-s 90 --out "$RESULTS/scale" ;;
-    *) echo "gpu_run.sh: unknown stage $stage (env install tests bench compile scale)" >&2; exit 2 ;;
+    *) echo "gpu_run.sh: unknown stage $stage (env install headline tests train bench compile scale)" >&2; exit 2 ;;
   esac
 done
 pack

@@ -10,9 +10,9 @@ import sys
 
 from .._argtypes import POSITIVE, integer, positive_float
 
-_OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
-_WHAT = ("himnet",) + _OPS
-_PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile", "triton", "cuda", "flex")
+from .providers import MODEL, OP_PROVIDERS as _PROVIDERS, OPS as _OPS
+
+_WHAT = (MODEL,) + _OPS
 
 
 def _common(p: argparse.ArgumentParser, default_what: str) -> None:

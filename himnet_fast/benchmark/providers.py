@@ -12,6 +12,12 @@ Providers (measured side by side in one run):
 * ``torch``: ``HimNet(backend="torch")`` / the ops with ``backend="torch"``.
 * ``torch-compile``: the torch backend under ``torch.compile``.
 * ``triton``, ``cuda``: the fused kernels (GPU; skipped with a reason elsewhere).
+* ``captured``, ``captured-tf32``, ``captured-bf16`` (the model only, GPU): ``HimNet`` with the
+  automatic backend, its training step as one CUDA graph (:class:`~himnet_fast.training.captured.
+  CapturedTrainStep`: forward, L1 loss, backward, clipping and a capturable Adam step at learning
+  rate 0, so the model stays fixed across replays) and its inference as one
+  (:meth:`HimNet.capture`); fp32 exact, fp32 with TF32 matmuls, bf16 autocast. Their agreement
+  check runs the same module eagerly in the same precision.
 * ``flex`` (propagation ops only): PyTorch's FlexAttention, compiled, ``score_mod = relu``,
   ``scale = 1.0``: ``softmax(relu(E Eᵀ)) @ v`` is attention with query = key = E.
 
@@ -32,8 +38,9 @@ import torch
 
 from ..presets import Preset
 
+CAPTURED = ("captured", "captured-tf32", "captured-bf16")
 MODEL_PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile",
-                   "triton", "cuda")
+                   "triton", "cuda") + CAPTURED
 NO_TF = "-notf"  # suffix: the model is built with use_teacher_forcing=False
 OP_PROVIDERS = MODEL_PROVIDERS + ("flex",)
 OPS = ("meta_linear_st", "adaptive_propagate", "adaptive_propagate_st")
@@ -67,6 +74,12 @@ def unavailable_reason(provider: str, device: torch.device, what: str) -> Option
         return None
     if provider.endswith(NO_TF) and what != MODEL:
         return "teacher forcing concerns the whole model only"
+    if provider in CAPTURED:
+        if what != MODEL:
+            return "CUDA-graph capture is of the whole model's step"
+        if device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        return None
     if "-compile" in provider and not hasattr(torch, "compile"):
         return "torch.compile is not available"
     if provider in ("triton", "cuda"):
@@ -122,7 +135,8 @@ def build_module(provider: str, preset: Preset, num_nodes: int, device: torch.de
         return RefHimNet(**kwargs).to(device)
     from ..nn import HimNet
 
-    return HimNet(**kwargs, backend=provider.replace("-compile", "")).to(device)
+    backend = None if provider in CAPTURED else provider.replace("-compile", "")
+    return HimNet(**kwargs, backend=backend).to(device)
 
 
 def maybe_compile(provider: str, fn):
@@ -148,6 +162,68 @@ def model_step(model, params: List[torch.Tensor], inputs: Dict, mode: str) -> Ca
                 return model(x, y_cov)
         return infer
     raise ValueError(f"mode must be one of {MODEL_MODES} for the model, got {mode!r}")
+
+
+def precision(provider: str):
+    """The context a provider's job runs in: TF32 matmuls for ``captured-tf32``, bf16 autocast
+    for ``captured-bf16`` (no weight cache: a captured graph must not hold its casts), else none."""
+    import contextlib
+
+    if provider == "captured-bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    if provider == "captured-tf32":
+        return _tf32()
+    return contextlib.nullcontext()
+
+
+def _tf32():
+    import contextlib
+
+    @contextlib.contextmanager
+    def switch():
+        matmul = torch.backends.cuda.matmul
+        new_api = getattr(matmul, "fp32_precision", None) is not None
+        old = matmul.fp32_precision if new_api else matmul.allow_tf32
+        if new_api:
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            if new_api:
+                matmul.fp32_precision = old
+            else:
+                matmul.allow_tf32 = old
+    return switch()
+
+
+def tolerance_of(provider: str) -> float:
+    """The agreement tolerance of ``provider``: :func:`tolerance` in fp32; bf16 and TF32 keep
+    8 and 10 mantissa bits, so their 24-step recurrences are checked at 5e-2 and 2e-2."""
+    return {"captured-bf16": 5e-2, "captured-tf32": 2e-2}.get(provider, tolerance())
+
+
+def captured_step(module, inputs: Dict, mode: str, provider: str) -> Callable[[], torch.Tensor]:
+    """The provider's timed call for a captured provider: a :class:`CapturedTrainStep` replay
+    (train; the first call captures) or a :class:`CapturedHimNet` replay (infer)."""
+    x, y_cov, labels = inputs["x"], inputs["y_cov"], inputs["labels"]
+    bf16 = provider == "captured-bf16"
+    if mode == "infer":
+        forecast = module.capture(x.shape[0], autocast_dtype=torch.bfloat16 if bf16 else None)
+        return lambda: forecast(x, y_cov, clone=False)
+    from ..training.captured import CapturedTrainStep
+
+    module.check_inputs = False  # the inputs are valid by construction; the graph cannot check them
+    mask = module.teacher_forcing_mask(BATCHES_SEEN, x.device)
+
+    def loss_fn(model, x, y_cov, labels, teacher_forcing):
+        with precision(provider):
+            out = model(x, y_cov, labels, teacher_forcing=teacher_forcing)
+        return (out.float() - labels).abs().mean()
+    opt = torch.optim.Adam(module.parameters(), lr=torch.tensor(0.0, device=x.device), capturable=True)
+    step = CapturedTrainStep(module, opt, loss_fn, x.shape[0], clip_grad_norm=5.0)
+    return lambda: step(x, y_cov, labels, mask, clone=False)
 
 
 def set_mode(module: torch.nn.Module, mode: str) -> None:

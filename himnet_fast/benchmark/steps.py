@@ -156,7 +156,13 @@ def _prepare_model(spec: dict) -> Prepared:
     inputs = P.model_inputs(preset, n, batch, device)
     module = P.build_module(provider, preset, n, device)
     P.set_mode(module, mode)
-    step = P.model_step(P.maybe_compile(provider, module), list(module.parameters()), inputs, mode)
+    eager = P.model_step(P.maybe_compile(provider, module), list(module.parameters()), inputs, mode)
+    # A captured provider is checked through the same module run eagerly in its precision, then
+    # timed as graph replays.
+    def in_precision():
+        with P.precision(provider):
+            return eager()
+    step = in_precision if provider in P.CAPTURED else eager
     err, check_n, first_ms = None, None, None
     if spec.get("check", True) and provider != "reference":
         try:
@@ -168,8 +174,16 @@ def _prepare_model(spec: dict) -> Prepared:
                 err, _ = model_pair_error(provider, preset, check_n, min(batch, 2), device, mode)
         except Exception as exc:  # noqa: BLE001 - the caller decides (a result row, a skip)
             raise PrepareFailed("in the agreement check", exc, modes, {}) from exc
-        if not err <= P.tolerance():
-            raise Disagreement(err, check_n, P.tolerance(), modes, {})
+        if not err <= P.tolerance_of(provider):
+            raise Disagreement(err, check_n, P.tolerance_of(provider), modes, {})
+    if provider in P.CAPTURED:
+        try:
+            t0 = time.perf_counter()
+            step = P.captured_step(module, inputs, mode, provider)
+            step()  # the first call captures
+            first_ms = (time.perf_counter() - t0) * 1e3
+        except Exception as exc:  # noqa: BLE001
+            raise PrepareFailed("capturing the CUDA graph", exc, modes, {}) from exc
     flops = P.model_flops(preset, n, batch, mode)
     return Prepared(spec["what"], provider, modes, {}, err, check_n,
                     lambda m: Step(m, step, flops, None, first_ms), module=module, inputs=inputs)
