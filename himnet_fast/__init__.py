@@ -36,4 +36,13 @@ from .nn import HimDecoder, HimEncoder, HimGCN, HimGCRU, HimNet  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ops", "available_backends", "BackendUnavailableError", "HimGCN", "HimGCRU",
-           "HimEncoder", "HimDecoder", "HimNet", "__version__"]
+           "HimEncoder", "HimDecoder", "HimNet", "CapturedTrainStep", "__version__"]
+
+
+def __getattr__(name):
+    # The training package (optimizers, data pipeline) is imported on first use only.
+    if name == "CapturedTrainStep":
+        from .training.captured import CapturedTrainStep
+
+        return CapturedTrainStep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
