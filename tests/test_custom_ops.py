@@ -94,6 +94,16 @@ def test_gcru_cell(form, mode):
     _opcheck(ops.gcru_cell.default, _cell_args(form, mode, "torch"))
 
 
+@pytest.mark.parametrize("form", ["plain", "T", "S", "S-pooled", "ST", "scaled"])
+@pytest.mark.parametrize("mode", ["dense", "streamed"])
+def test_gcru_sequence(form, mode):
+    """The whole-sequence op (a zero initial state, three steps; its backward adds the steps'
+    weight and graph gradients into one buffer each)."""
+    h, zx, g, layout, *weights, form_, mode_, k, backend = _cell_args(form, mode, "torch")
+    zx_seq = torch.randn(3, *zx.shape, **F64).requires_grad_(True)
+    _opcheck(ops.gcru_sequence.default, (zx_seq, g, layout, *weights, form_, mode_, k, h.shape[-1], backend))
+
+
 @pytest.mark.parametrize("backend", [b for b in parity_backends() if b != "torch"])
 def test_gcru_cell_other_backends(backend):
     _opcheck(ops.gcru_cell.default, _cell_args("ST", "streamed", backend))
@@ -181,3 +191,21 @@ def test_inductor_compiled_training_step_equals_eager():
     torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["plain", "T", "S", "S-pooled", "ST", "scaled"])
+@pytest.mark.parametrize("mode", ["dense", "streamed"])
+def test_gcru_sequence_gradcheck(form, mode):
+    """float64 gradcheck of the whole-sequence op: every input's gradient, the pooled forms'
+    query passed as both maps' aux (as the modules do), cheb_k 3."""
+    h, zx, g, layout, *weights, form_, mode_, k, backend = _cell_args(form, mode, "torch", B=2, N=4, C=2, H=2, k=3)
+    wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u = weights
+    zx_seq = torch.randn(3, *zx.shape, **F64).requires_grad_(True)
+    tied = form in ("ST", "S-pooled")
+
+    def f(zx_seq, g, wgx, wgh, bg, wux, wuh, bu, *aux):
+        a_g, a_u = (aux[0], aux[0]) if tied else (aux + (None, None))[:2]
+        return ops.gcru_sequence.default(zx_seq, g, layout, wgx, wgh, bg, wux, wuh, bu, a_g, a_u, form_, mode_, k,
+                                         h.shape[-1], backend)
+    aux = (aux_g,) if tied else tuple(a for a in (aux_g, aux_u) if a is not None)
+    assert torch.autograd.gradcheck(f, (zx_seq, g, wgx, wgh, bg, wux, wuh, bu, *aux), fast_mode=True)

@@ -151,30 +151,60 @@ class _Pieces:
         return self.ml.forward(x, q, pool, None, "ST")
 
     def linear_backward(self, form: str, dy: Tensor, x: Tensor, w: Tensor, aux: Optional[Tensor],
-                        need_x: bool, need_w: bool, need_aux: bool):
-        """(dx, dW, daux) of :func:`linear`, each None when not needed."""
+                        need_x: bool, need_w: bool, need_aux: bool, acc: Optional["_Acc"] = None,
+                        w_key: str = "", aux_key: str = ""):
+        """(dx, dW, daux) of :func:`linear`, each None when not needed. With ``acc`` the weight
+        and aux gradients are added into its buffers ``w_key`` / ``aux_key`` (by the GEMMs
+        themselves where they can accumulate) and returned as None."""
         dx = dw = daux = None
-        if form == "plain":
-            dx = dy.matmul(w.t()) if need_x else None
-            dw = x.reshape(-1, x.shape[-1]).t().mm(dy.reshape(-1, dy.shape[-1])) if need_w else None
-        elif form == "T":
-            dx = torch.bmm(dy, w.transpose(1, 2)) if need_x else None
-            dw = torch.bmm(x.transpose(1, 2), dy) if need_w else None
-        elif form == "S":
-            dyt = dy.transpose(0, 1)
-            dx = torch.bmm(dyt, w.transpose(1, 2)).transpose(0, 1) if need_x else None
-            dw = torch.bmm(x.transpose(0, 1).transpose(1, 2), dyt) if need_w else None
-        elif form == "scaled":
-            t = dy * aux
+        buf = acc.get(w_key, w) if (acc is not None and need_w) else None
+        if form in ("plain", "scaled"):
+            t = dy * aux if form == "scaled" else dy
             dx = t.matmul(w.t()) if need_x else None
-            dw = x.reshape(-1, x.shape[-1]).t().mm(t.reshape(-1, t.shape[-1])) if need_w else None
-            daux = (dy * (x @ w)).sum(0) if need_aux else None
+            if need_w:
+                a, b = x.reshape(-1, x.shape[-1]).t(), t.reshape(-1, t.shape[-1])
+                if buf is None:
+                    dw = a.mm(b)
+                else:
+                    buf.addmm_(a, b)
+            if form == "scaled" and need_aux:
+                daux = (dy * (x @ w)).sum(0)
+        elif form in ("T", "S"):
+            # "T": one weight per sample (bmm over B); "S": one per node (bmm over N).
+            xb, dyb = (x, dy) if form == "T" else (x.transpose(0, 1), dy.transpose(0, 1))
+            if need_x:
+                dx = torch.bmm(dyb, w.transpose(1, 2))
+                dx = dx if form == "T" else dx.transpose(0, 1)
+            if need_w:
+                if buf is None:
+                    dw = torch.bmm(xb.transpose(1, 2), dyb)
+                else:
+                    buf.baddbmm_(xb.transpose(1, 2), dyb)
         else:
             q = _pooled_query(form, aux, x)
             dx, dq, dw, _ = self.ml.backward(dy, x, q, w, None, "ST", (need_x, need_aux, need_w, False))
             if dq is not None:
                 daux = dq if form == "ST" else dq.sum(0)
+            if buf is not None:
+                buf.add_(dw)
+                dw = None
+        if daux is not None and acc is not None:
+            acc.get(aux_key, aux).add_(daux)
+            daux = None
         return dx, dw, daux
+
+
+class _Acc:
+    """Gradient buffers a sequence's steps add into in place (created on first use, in the
+    dtype and shape of what they accumulate for)."""
+
+    def __init__(self):
+        self.buf = {}
+
+    def get(self, key: str, like: Tensor) -> Tensor:
+        if key not in self.buf:
+            self.buf[key] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        return self.buf[key]
 
 
 def _layout_or_none(layout: Sequence[Tensor]) -> Optional[PartitionLayout]:
@@ -204,40 +234,59 @@ def _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, fo
         return cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward)
 
 
+def _step_backward(p: "_Pieces", w: CellWeights, cheb_k: int, h: Tensor, zx: Tensor, dout: Tensor, needs,
+                   acc: Optional[_Acc] = None) -> list:
+    """Gradients of one step's 11 differentiable inputs (h, zx, g, wgx, wgh, bg, wux, wuh, bu,
+    aux_g, aux_u), None where ``needs`` says so: the step rerun, then its derivative in reverse.
+    With ``acc`` (a sequence's buffers) the graph, weight and aux gradients are added into it,
+    and the biases' into the running sums of the pre-activation gradients ("dpre_g", "dpre_u":
+    a bias gradient is a sum of those, taken once at the end); they are returned as None."""
+    n_h, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+    form = w.form
+    rec: dict = {}
+    p.saved = []
+    cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward, record=rec)
+    saved_h, saved_zh = p.saved
+    K = cheb_k
+    g_acc = acc.get("g", p.products.g) if (acc is not None and n_g) else None
+
+    def bias_grad(key, dpre, needed):
+        if not needed:
+            return None
+        if acc is None:
+            return _bias_grad(form, dpre)
+        acc.get(key, dpre).add_(dpre)
+        return None
+
+    # h' = update(pre_u, r, h)
+    dpre_u, dr, dh = p.update.backward(rec["pre_u"], rec["r"], h, dout)
+    dbu = bias_grad("dpre_u", dpre_u, n_bu)
+    dpz, dwuh, dau = p.linear_backward(form, dpre_u, rec["pz"], w.wuh, w.aux_u, True, n_wuh, n_au, acc, "wuh", "aux_u")
+    dzx, dwux, dau2 = p.linear_backward(form, dpre_u, zx, w.wux, w.aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
+    dau = _add(dau, dau2)
+    # pz = cat_k(T_k (z * h))
+    dzh, dgraph = p.products.terms_backward(list(dpz.chunk(K, dim=-1)), saved_zh, True, n_g, g_acc)
+    # (z * h, r) = gate(pre_g, h)
+    dpre_g, dh2 = p.gate.backward(rec["pre_g"], h, dzh, dr)
+    dh = dh + dh2
+    dbg = bias_grad("dpre_g", dpre_g, n_bg)
+    dph, dwgh, dag = p.linear_backward(form, dpre_g, rec["ph"], w.wgh, w.aux_g, True, n_wgh, n_ag, acc, "wgh", "aux_g")
+    dzx2, dwgx, dag2 = p.linear_backward(form, dpre_g, zx, w.wgx, w.aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
+    dzx, dag = _add(dzx, dzx2), _add(dag, dag2)
+    # ph = cat_k(T_k h)
+    dh3, dgraph2 = p.products.terms_backward(list(dph.chunk(K, dim=-1)), saved_h, n_h, n_g, g_acc)
+    dh = dh + dh3 if n_h else None
+    dgraph = _add(dgraph, dgraph2)
+    return [dh, dzx, dgraph, dwgx, dwgh, dbg, dwux, dwuh, dbu, dag, dau]
+
+
 def _backward_impl(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend,
                    needs):
-    """Gradients of the 11 differentiable inputs (h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g,
-    aux_u), None where ``needs`` says so: the step rerun, then its derivative in reverse."""
     release_cpu_heap(h.device)
-    n_h, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
     with no_autocast(h.device):
         p = _Pieces(g, mode, layout, backend or None, h.device)
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
-        rec: dict = {}
-        cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward, record=rec)
-        saved_h, saved_zh = p.saved
-        K = cheb_k
-
-        # h' = update(pre_u, r, h)
-        dpre_u, dr, dh = p.update.backward(rec["pre_u"], rec["r"], h, dout)
-        dbu = _bias_grad(form, dpre_u) if n_bu else None
-        dpz, dwuh, dau = p.linear_backward(form, dpre_u, rec["pz"], wuh, aux_u, True, n_wuh, n_au)
-        dzx, dwux, dau2 = p.linear_backward(form, dpre_u, zx, wux, aux_u, n_zx, n_wux, n_au)
-        dau = _add(dau, dau2)
-        # pz = cat_k(T_k (z * h))
-        dzh, dgraph = p.products.terms_backward(list(dpz.chunk(K, dim=-1)), saved_zh, True, n_g)
-        # (z * h, r) = gate(pre_g, h)
-        dpre_g, dh2 = p.gate.backward(rec["pre_g"], h, dzh, dr)
-        dh = dh + dh2
-        dbg = _bias_grad(form, dpre_g) if n_bg else None
-        dph, dwgh, dag = p.linear_backward(form, dpre_g, rec["ph"], wgh, aux_g, True, n_wgh, n_ag)
-        dzx2, dwgx, dag2 = p.linear_backward(form, dpre_g, zx, wgx, aux_g, n_zx, n_wgx, n_ag)
-        dzx, dag = _add(dzx, dzx2), _add(dag, dag2)
-        # ph = cat_k(T_k h)
-        dh3, dgraph2 = p.products.terms_backward(list(dph.chunk(K, dim=-1)), saved_h, n_h, n_g)
-        dh = dh + dh3 if n_h else None
-        dgraph = _add(dgraph, dgraph2)
-    return [dh, dzx, dgraph, dwgx, dwgh, dbg, dwux, dwuh, dbu, dag, dau]
+        return _step_backward(p, w, cheb_k, h, zx, dout, needs)
 
 
 @custom_op("gcru_cell")
@@ -294,6 +343,137 @@ def _backward(ctx, dout):
 _gcru_cell.register_autograd(_backward, setup_context=_setup)
 
 
+# --------------------------------------------------------------------------- a whole sequence
+
+def _first_step(p: "_Pieces", w: CellWeights, zx0: Tensor, zeros: Tensor, record: Optional[dict] = None) -> Tensor:
+    """The first step of a sequence, from the all-zero state: only the input rows and the biases
+    act (the state's terms are zero), so no graph product runs."""
+    pre_g = add_bias(w.form, linear(w.form, zx0, w.wgx, w.aux_g, p.pooled), w.bg)
+    _, r = p.gate.forward(pre_g, zeros)
+    pre_u = add_bias(w.form, linear(w.form, zx0, w.wux, w.aux_u, p.pooled), w.bu)
+    if record is not None:
+        record.update(pre_g=pre_g, r=r, pre_u=pre_u)
+    return p.update.forward(pre_u, r, zeros)
+
+
+def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
+    """States (T, B, N, H) of every step from a zero state, zx (T, B, N, K*C) time-major."""
+    with no_autocast(zx.device):
+        p = _Pieces(g, mode, layout, backend or None, zx.device)
+        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        T, B, N, _ = zx.shape
+        zeros = zx.new_zeros(B, N, hidden)
+        states = [_first_step(p, w, zx[0], zeros)]
+        for t in range(1, T):
+            release_cpu_heap(zx.device)  # before each step, as in backward (ops/_common.py: why)
+            p.saved = []  # the products' saved state is for a backward pass, not needed here
+            states.append(cell_math(states[-1], zx[t], w, cheb_k, p.terms, p.pooled, p.gate.forward,
+                                    p.update.forward))
+        return torch.stack(states)
+
+
+def _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k,
+                       backend, needs):
+    """Gradients of the sequence op's 10 differentiable inputs (zx, g, wgx, wgh, bg, wux, wuh,
+    bu, aux_g, aux_u): the steps in reverse, each rerun from its saved input state, their
+    weight and graph gradients added into one buffer each (no per-step gradient tensors)."""
+    n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+    T, B, N, _ = zx.shape
+    with no_autocast(zx.device):
+        p = _Pieces(g, mode, layout, backend or None, zx.device)
+        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        acc = _Acc()
+        dzx = torch.empty_like(zx) if n_zx else None
+        step_needs = [True, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au]
+        carry = None
+        for t in range(T - 1, 0, -1):
+            release_cpu_heap(zx.device)
+            dh = dstates[t] if carry is None else dstates[t] + carry
+            grads = _step_backward(p, w, cheb_k, states[t - 1], zx[t], dh, step_needs, acc)
+            carry = grads[0]
+            if n_zx:
+                dzx[t].copy_(grads[1])
+        # the first step: from the zero state, through its input rows and biases only
+        dh = dstates[0] if carry is None else dstates[0] + carry
+        zeros = zx.new_zeros(B, N, dstates.shape[-1])
+        rec: dict = {}
+        _first_step(p, w, zx[0], zeros, rec)
+        dpre_u, dr, _ = p.update.backward(rec["pre_u"], rec["r"], zeros, dh)
+        dpre_g, _ = p.gate.backward(rec["pre_g"], zeros, zeros, dr)
+        if n_bu:
+            acc.get("dpre_u", dpre_u).add_(dpre_u)
+        if n_bg:
+            acc.get("dpre_g", dpre_g).add_(dpre_g)
+        d0, _, _ = p.linear_backward(form, dpre_u, zx[0], wux, aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
+        d1, _, _ = p.linear_backward(form, dpre_g, zx[0], wgx, aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
+        if n_zx:
+            torch.add(d0, d1, out=dzx[0])
+        buf = acc.buf
+        out = [dzx, buf.get("g"), buf.get("wgx"), buf.get("wgh"),
+               _bias_grad(form, buf["dpre_g"]) if n_bg else None, buf.get("wux"), buf.get("wuh"),
+               _bias_grad(form, buf["dpre_u"]) if n_bu else None]
+        # (the pooled forms pass one query as both aux inputs: autograd adds the two gradients)
+        out += [buf.get("aux_g") if n_ag else None, buf.get("aux_u") if n_au else None]
+        for i, (t, n) in enumerate(zip(out, needs)):
+            if n and t is None:  # a gradient that no step produced: zero (e.g. T = 1 and the state rows)
+                like = (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)[i]
+                out[i] = torch.zeros_like(like)
+        return out
+
+
+@custom_op("gcru_sequence")
+def _gcru_sequence(zx: Tensor, g: Tensor, layout: List[Tensor], wgx: Tensor, wgh: Tensor, bg: Tensor, wux: Tensor,
+                   wuh: Tensor, bu: Tensor, aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str, mode: str,
+                   cheb_k: int, hidden: int, backend: str) -> Tensor:
+    return _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden,
+                             backend).contiguous()
+
+
+@_gcru_sequence.register_fake
+def _(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
+    return zx.new_empty(zx.shape[0], zx.shape[1], zx.shape[2], hidden)
+
+
+@custom_op("gcru_sequence_backward")
+def _gcru_sequence_backward(dstates: Tensor, zx: Tensor, states: Tensor, g: Tensor, layout: List[Tensor],
+                            wgx: Tensor, wgh: Tensor, bg: Tensor, wux: Tensor, wuh: Tensor, bu: Tensor,
+                            aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str, mode: str, cheb_k: int,
+                            backend: str, needs: List[bool]) -> List[Tensor]:
+    grads = _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode,
+                               cheb_k, backend, needs)
+    return [t.contiguous() for t, n in zip(grads, needs) if n]
+
+
+@_gcru_sequence_backward.register_fake
+def _(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend, needs):
+    inputs = (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+    return [empty_like(t) for t, n in zip(inputs, needs) if n]
+
+
+_SEQ_DIFF = (0, 1, 3, 4, 5, 6, 7, 8, 9, 10)  # positions of the differentiable inputs
+
+
+def _setup_sequence(ctx, inputs, output):
+    zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend = inputs
+    ctx.save_for_backward(zx, output, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout)
+    ctx.args = (form, mode, cheb_k, backend)
+
+
+def _backward_sequence(ctx, dstates):
+    zx, states, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in _SEQ_DIFF]
+    needs[8] = needs[8] and aux_g is not None
+    needs[9] = needs[9] and aux_u is not None
+    grads = iter(_gcru_sequence_backward(dstates.contiguous(), zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu,
+                                         aux_g, aux_u, *ctx.args, needs))
+    g_zx, g_g, g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au = (next(grads) if n else None for n in needs)
+    return (g_zx, g_g, [None] * len(layout), g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au,
+            None, None, None, None, None)
+
+
+_gcru_sequence.register_autograd(_backward_sequence, setup_context=_setup_sequence)
+
+
 # --------------------------------------------------------------------------- front-ends
 
 def _autograd_pieces(graph: AdaptiveGraph, backend: Optional[str]):
@@ -335,6 +515,14 @@ def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k
     B, T, N, C = xs.shape
     terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), cheb_k)
     zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
+    tensors = (zx, graph.tensor) + weights.tensors()
+    if recompute and needs_grad(*tensors) and zx.numel() > 0:
+        # One op for the whole sequence: its backward reruns each step and adds the steps'
+        # weight and graph gradients into one buffer each.
+        layout = list(graph.layout) if graph.layout is not None else []
+        states = _gcru_sequence(zx.transpose(0, 1).contiguous(), graph.tensor, layout, *weights.tensors(),
+                                weights.form, graph.mode, cheb_k, hidden, backend or "").transpose(0, 1)
+        return states, states[:, -1]
     # unbind, not [:, t]: its backward stacks the T step gradients once instead of
     # scattering each into a fresh zero (B, T, N, K*C) buffer.
     zxs = zx.unbind(1)

@@ -225,17 +225,25 @@ class GraphProducts:
             out, extra = impl.forward(g, vf)
         return (self._unfold(out, v) if self.shared else out), (vf, out, extra)
 
-    def backward(self, dout: Tensor, v: Tensor, saved: tuple, need_v: bool, need_g: bool
-                 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """(dv, dg) of :meth:`forward` (dg for ``self.g``: dA, or dE of the embedding)."""
+    def backward(self, dout: Tensor, v: Tensor, saved: tuple, need_v: bool, need_g: bool,
+                 g_acc: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(dv, dg) of :meth:`forward` (dg for ``self.g``: dA, or dE of the embedding). With
+        ``g_acc`` the graph's gradient is added into it in place (for a dense graph by the GEMM
+        itself) and dg is None."""
+        dg = None
         if self.mode == "dense":
             dv = torch.matmul(self.g.transpose(-1, -2), dout) if need_v else None
-            dg = None
             if need_g:
                 if self.shared:  # one (N, N) for the batch: the batch becomes extra columns
-                    dg = self._fold(dout)[0] @ self._fold(v)[0].t()
-                else:
+                    a, b = self._fold(dout)[0], self._fold(v)[0].t()
+                    if g_acc is None:
+                        dg = a @ b
+                    else:
+                        g_acc.addmm_(a, b)
+                elif g_acc is None:
                     dg = torch.bmm(dout, v.transpose(1, 2))
+                else:
+                    g_acc.baddbmm_(dout, v.transpose(1, 2))
             return dv, dg
         impl = _backend.impl(self.op, self.name)
         vf, out, extra = saved
@@ -248,6 +256,9 @@ class GraphProducts:
         if self.shared:
             dg = None if dg is None else dg[0]
             dv = None if dv is None else self._unfold(dv, v)
+        if dg is not None and g_acc is not None:
+            g_acc.add_(dg)
+            dg = None
         return dv, dg
 
     def terms(self, x: Tensor, cheb_k: int) -> Tuple[List[Tensor], list]:
@@ -260,10 +271,11 @@ class GraphProducts:
             return out
         return chebyshev_terms(x, cheb_k, product), saved
 
-    def terms_backward(self, dz: List[Tensor], saved: list, need_x: bool, need_g: bool
-                       ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def terms_backward(self, dz: List[Tensor], saved: list, need_x: bool, need_g: bool,
+                       g_acc: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dx, dg) from the gradients ``dz`` of the K terms (the recursion in reverse:
-        ``Z_k = 2 P_k - Z_{k-2}`` with ``P_k = A Z_{k-1}``, then ``Z_1 = A Z_0``)."""
+        ``Z_k = 2 P_k - Z_{k-2}`` with ``P_k = A Z_{k-1}``, then ``Z_1 = A Z_0``). With ``g_acc``
+        the graph's gradient is added into it in place (dg is then None)."""
         g = list(dz)
         dgraph = None
         for k in range(len(g) - 1, 0, -1):
@@ -271,7 +283,7 @@ class GraphProducts:
             dp = g[k] if k == 1 else 2 * g[k]
             if k >= 2:
                 g[k - 2] = g[k - 2] - g[k]
-            dv, dgk = self.backward(dp, v, s, need_x or k > 1, need_g)
+            dv, dgk = self.backward(dp, v, s, need_x or k > 1, need_g, g_acc)
             if dv is not None:
                 g[k - 1] = g[k - 1] + dv
             if dgk is not None:
