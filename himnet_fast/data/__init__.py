@@ -7,13 +7,17 @@ day in [0, 1), day of week 0..6; 0 where a reading is missing), the window start
 split, and the :class:`StandardScaler` fitted on the training inputs. Windows are never
 materialised: a batch gathers its ``(B, 12, N, 3)`` inputs from the series when it is drawn, with
 missing readings carried forward where the data ask for it (``fill_missing``).
+:class:`~himnet_fast.data.device.DeviceWindows` holds the same series on the training device and
+gathers the same batches there (the trainer's and the evaluation's batches: no host-to-device
+copy per step), checking the time features once for the whole series.
 
 :func:`forecast` (``HimNet.forecast``) turns raw readings and their timestamps into a forecast in
 the same units; :func:`to_forecast` converts a model's output to raw units.
 
 Modules import downward only: ``series`` (the core) <- ``files``, ``synthetic``, ``bundled``,
-``sampler``, ``forecast`` <- ``catalog`` (:func:`load_dataset`); nothing here imports the model,
-training or ``himnet_fast.datasets`` (which re-exports :mod:`.bundled`).
+``sampler``, ``forecast`` <- ``catalog`` (:func:`load_dataset`), and ``device`` imports ``series``
+only; nothing here imports the model, training or ``himnet_fast.datasets`` (which re-exports
+:mod:`.bundled`).
 """
 from .series import (DATASET_INFO, Batch, StandardScaler, TrafficData, WindowSplit, carry_forward, load_himnet_dir,
                      load_pems_npz, split_windows, time_features, traffic_data)

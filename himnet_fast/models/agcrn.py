@@ -4,8 +4,9 @@ Node-adaptive parameter learning is ``meta_linear`` with axis "S" (per-node weig
 ``W_n = sum_d E[n, d] P_d`` from the node embedding E (N, D) and a pool P), and the graph
 convolution input is ``adaptive_propagate`` over ``A = softmax(relu(E Eᵀ))`` with the same
 Chebyshev recursion ``[I, A, 2 A T_{k-1} - T_{k-2}]`` as the original. The cell is HimNet's GCRU
-(HimNet was built on AGCRN's cell), so each step is the library's recurrent cell op and a
-sequence its lean loop (:func:`himnet_fast.nn.gcru.run_sequence`), with AGCRN's own maps.
+(HimNet was built on AGCRN's cell), so a sequence from a zero state is the library's recurrent
+sequence op and each step otherwise its cell op (:func:`himnet_fast.nn.gcru.run_sequence`,
+:func:`~himnet_fast.nn.gcru.run_step`), with AGCRN's own maps.
 
 Module layout, parameter names and shapes equal the original release (LeiBAI/AGCRN,
 ``model/AGCRN.py``, ``AGCRNCell.py``, ``AGCN.py``), so an original ``state_dict`` loads with
@@ -278,8 +279,9 @@ class AGCRN(nn.Module):
         _, last = self.encoder(source, None, self.node_embeddings, graph=graph)
         # end_conv, a (1, H) convolution over the last state (B, 1, N, H), is a linear map of each
         # node's state: computed as one, with the conv's own parameters (the checkpoint layout
-        # stays). On CPU, PyTorch's oneDNN convolution returns wrong weight gradients for
-        # 16-wide kernels (garbage up to 1e30 at B >= 2, N = 29; tests/test_models_agcrn.py).
+        # stays). On CPU, PyTorch's oneDNN convolution backward returns wrong weight gradients
+        # for 16-wide kernels at B >= 2 (up to 1e35, different at every run, at B = 2, N = 29,
+        # H = 16; also wrong at N = 207; tests/test_models_agcrn.py).
         w = self.end_conv.weight.flatten(1)                                        # (horizon*C, H)
         output = torch.nn.functional.linear(last[-1], w, self.end_conv.bias)       # (B, N, horizon*C)
         output = output.reshape(-1, self.num_node, self.horizon, self.output_dim)

@@ -224,8 +224,8 @@ class HyperSTGCN(nn.Module):
 
 class HyperSTGCGRUCell(nn.Module):
     """GCGRU cell (HimNet/AGCRN equations) whose two graph convolutions are :class:`HyperSTGCN`:
-    every step is the library's recurrent cell op with the node-scaled ("scaled") weight form,
-    the sequence its lean loop (:func:`himnet_fast.nn.gcru.run_sequence`). ``recompute`` as in
+    the library's recurrent sequence op runs all steps with the node-scaled ("scaled") weight
+    form (:func:`himnet_fast.nn.gcru.run_sequence`). ``recompute`` as in
     :class:`~himnet_fast.HimGCRU`."""
 
     def __init__(self, num_nodes, input_dim, hidden_dim, cheb_k, spatial_dim, backend=None):

@@ -1,10 +1,10 @@
 """HimGCRU and the encoder/decoder stacks (drop-ins for the originals).
 
 A cell's two graph convolutions are turned, once per forward, into the weights of the
-recurrent cell op (:func:`cell_weights`); every step is then one
-:func:`~himnet_fast.ops.gcru_cell` op and a whole sequence one
-:func:`~himnet_fast.ops.gcru_cell.gcru_sequence`. Other models' cells (AGCRN, HyperST-GCGRU)
-compose the same two functions with their own maps.
+recurrent cell ops (:func:`cell_weights`); a step is then one :func:`~himnet_fast.ops.gcru_cell`
+op (:func:`run_step`) and a whole sequence from a zero state one ``himnet_fast::gcru_sequence``
+op (:func:`run_sequence`, through :func:`~himnet_fast.ops.gcru_cell.gcru_sequence`). Other
+models' cells (AGCRN, HyperST-GCGRU) compose the same functions with their own maps.
 """
 from __future__ import annotations
 
@@ -63,9 +63,11 @@ def run_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k:
 class HimGCRU(nn.Module):
     """Graph convolutional GRU cell with meta-parameters (docs/spec.md, "Recurrent cell").
 
-    Each step runs as one :func:`~himnet_fast.ops.gcru_cell` op that saves only its inputs and
-    recomputes the step in backward (``recompute = True``, the default; set the attribute to
-    False for plain autograd: faster backward, every gate activation kept until backward).
+    Its steps run in the recurrent cell ops (one ``gcru_sequence`` op for a sequence from a zero
+    state, one :func:`~himnet_fast.ops.gcru_cell` op per step otherwise), which save only their
+    inputs and states and recompute each step in backward (``recompute = True``, the default;
+    set the attribute to False for plain autograd: faster backward, every gate activation kept
+    until backward).
     """
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S", *,

@@ -41,11 +41,12 @@ class HimNet(nn.Module):
       was trained on; a shorter window would silently give a different forecast). None (the
       default, as the original) accepts any length. :meth:`from_checkpoint` and the trainer
       set it to 12.
-    * ``partition``: a :class:`~himnet_fast.sba.Partition` of the N nodes (from
-      ``himnet_fast.partition.partition_graph``) makes both adaptive graphs (the encoders' and the
-      decoder's per-sample one) partitioned: ``softmax(relu(E Eᵀ))`` inside each part plus
-      pooled inter-part terms (:mod:`himnet_fast.ops.partitioned_adaptive`, docs/sba.md), O(N·(M+P)) per
-      product instead of O(N²). Torch backend only; not in the ``state_dict``. None (default)
+    * ``partition``: a :class:`~himnet_fast.partition.Partition` of the N nodes (from
+      ``himnet_fast.partition.partition_graph``, also in ``himnet_fast.sba``) makes both
+      adaptive graphs (the encoders' and the decoder's per-sample one) partitioned:
+      ``softmax(relu(E Eᵀ))`` inside each part plus pooled inter-part terms
+      (:mod:`himnet_fast.ops.partitioned_adaptive`, docs/sba.md), O(N·(M+P)) per product
+      instead of O(N²). Torch backend only; not in the ``state_dict``. None (default)
       is the exact graph of the original.
 
     float64 inputs are cast to the parameters' dtype (numpy data arrive as float64); other

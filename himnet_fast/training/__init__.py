@@ -5,13 +5,18 @@
 * :mod:`.config`: :class:`TrainConfig` (stored in checkpoints as a plain dict),
   :func:`build_model`, :func:`seed_everything`.
 * :mod:`.loop`: :class:`Trainer` (Adam, MultiStepLR, clipping, early stopping, teacher
-  forcing by ``batches_seen``, optional bf16 autocast, DDP under torchrun, Ctrl-C saves) and
+  forcing by ``batches_seen``, optional bf16 autocast, batches gathered on the device, each step
+  one captured CUDA graph on one GPU, DDP under torchrun, Ctrl-C saves) and
   :func:`evaluate_model`.
+* :mod:`.captured`: :class:`~.captured.TrainStep` (one eager training step) and
+  :class:`~.captured.CapturedTrainStep` (the same step recorded once as a CUDA graph and
+  replayed; also ``himnet_fast.CapturedTrainStep``).
 * :mod:`.outputs`: what a run writes (metrics.json, loss curve, forecast plots) and the table
   of the model beside the baselines.
 * :mod:`.baselines`: last value and historical average, printed beside the model.
 * :mod:`.plots`: forecast vs truth and error by horizon (written at the end of training).
-* :mod:`.checkpoint`: atomic saves, RNG states as tensors, ``weights_only`` loading.
+* :mod:`himnet_fast.checkpoint` (at the package root, since ``HimNet.from_checkpoint`` reads it
+  too): atomic saves, RNG states as tensors, ``weights_only`` loading.
 * :mod:`.interpret`: the paper's §5.6 meta-parameter analysis (export, PCA, similarity).
 * :mod:`.cli`: the ``train`` and ``evaluate`` subcommands of ``himnet-fast``.
 """

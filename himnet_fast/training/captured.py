@@ -9,22 +9,23 @@ losses and clipping use no ``.item()``), which is what makes it capturable.
 
 Usage::
 
-    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), capturable=True)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 40])   # changes the lr tensor in place
     def loss_fn(model, x, y_cov, labels, target, teacher_forcing):
         out = model(x, y_cov, labels, teacher_forcing=teacher_forcing)
         return (out - target).abs().mean()
     step = CapturedTrainStep(model, opt, loss_fn, batch_size=16, clip_grad_norm=5.0)
-    for batch in batches:                       # tensors on the model's device
-        loss = step(*batch)                     # the first call captures (after a warm-up)
+    for batches_seen, (x, y_cov, labels, target) in enumerate(batches):   # tensors on the model's device
+        mask = model.teacher_forcing_mask(batches_seen, "cuda")          # this batch's coins
+        loss = step(x, y_cov, labels, target, mask)   # the first call captures (after a warm-up)
 
 Rules and limits:
 
 * The model is on a CUDA device; the optimizer is ``Adam``/``AdamW`` with ``capturable=True``
   and a tensor learning rate (so a scheduler can change it between replays).
 * The input shapes are fixed at the first call (the first input's dim 0 is the batch: it must
-  be ``batch_size``); a call with other shapes raises ``ValueError``. A last partial batch runs through :meth:`eager`, the
-  same step without the graph, on the same model and optimizer.
+  be ``batch_size``); a call with other shapes raises ``ValueError``. A last partial batch runs
+  through :meth:`eager`, the same step without the graph, on the same model and optimizer.
 * The graph reads the parameters', gradients' and optimizer state's memory: in-place changes
   (``load_state_dict``, the scheduler) are seen by the next replay; a replaced parameter is not,
   and the next call raises ``RuntimeError`` (build a new step).

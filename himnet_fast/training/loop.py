@@ -1,11 +1,14 @@
 """The training loop of the paper on :class:`himnet_fast.HimNet`, resumable bit for bit.
 
 One :class:`Trainer` owns the model, Adam, MultiStepLR, the batch order and the counters.
-Per batch: forward with teacher forcing driven by ``batches_seen`` (the number of batches
-trained before this one), inverse-scale the prediction, loss on raw values (masked MAE or
-Huber), backward, clip the gradient norm to 5, step. Per epoch: the scheduler steps, the
-validation loss (mean over batches, as the original) decides the best model and early
-stopping. Under ``torchrun`` the model is wrapped in DistributedDataParallel and each rank
+Per batch: the teacher-forcing coins drawn on the host from ``batches_seen`` (the number of
+batches trained before this one), forward, inverse-scale the prediction, loss on raw values
+(masked MAE or Huber), backward, clip the gradient norm to 5, step. The batches are gathered on
+the device (:class:`~himnet_fast.data.device.DeviceWindows`); on one CUDA device the step is
+replayed as one CUDA graph (:class:`~himnet_fast.training.captured.CapturedTrainStep`; eager
+with ``capture=False``, on CPU and under DDP), and nothing in it waits for the device. Per
+epoch: the scheduler steps, the validation loss (mean over batches, as the original) decides
+the best model and early stopping. Under ``torchrun`` the model is wrapped in DistributedDataParallel and each rank
 trains on its shard of every batch (see :class:`~himnet_fast.data.BatchOrder`).
 
 Resuming: a checkpoint holds the model, optimizer, scheduler, every RNG state and the
