@@ -201,7 +201,9 @@ def test_reference_step_matches_its_profile_within_the_calibration_error():
     assert err <= CALIBRATION_ERROR, (kc.total, err)
 
 
-def test_triton_backend_counts_its_launches_and_builds_no_dense_graph():
+def test_triton_backend_counts_its_launches(monkeypatch):
+    """backend="triton": where the graphs fit the dense budget, the fused recurrent step's
+    kernels (and the dense graphs' softmax); without that budget, the streamed product's."""
     if triton is None:
         pytest.skip("triton is not installed")
     from himnet_fast import _backend
@@ -209,9 +211,16 @@ def test_triton_backend_counts_its_launches_and_builds_no_dense_graph():
 
     kc = K.count_model_step("triton", get_preset("pems07"), 64, 2, "train")
     names = {op for op in kc.by_op if op.startswith("triton:")}
+    assert {"triton:_cell_fwd_kernel", "triton:_cell_dx_kernel", "triton:_cell_dw_kernel",
+            "triton:_cell_gate_bwd_kernel", "triton:_graph_grad_kernel"} <= names
+    assert kc.kernels["triton"] == sum(kc.by_op[n] for n in names) > 0
+    assert kc.kernels["softmax"] > 0  # the dense graphs are built
+    monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")
+    kc = K.count_model_step("triton", get_preset("pems07"), 64, 2, "train")
+    names = {op for op in kc.by_op if op.startswith("triton:")}
     assert {"triton:_meta_linear_fwd_kernel", "triton:_adaptive_matmul_fwd_kernel",
             "triton:_gcru_gate_fwd_kernel", "triton:_adaptive_matmul_bwd_de_kernel"} <= names
-    assert kc.kernels["triton"] == sum(kc.by_op[n] for n in names) > 0
+    assert not any(n.startswith("triton:_cell_") for n in names)
     assert kc.kernels["softmax"] == 0  # the streamed product never materialises the graph
     # the GPU-like decisions are undone afterwards
     assert "meta" not in _backend.AUTO_ORDER and not _triton._ALLOW_META

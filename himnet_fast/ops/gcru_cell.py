@@ -54,6 +54,7 @@ from torch import Tensor
 from .. import _backend
 from .._checks import check_axis, check_cheb_k, check_same_device, check_tensor
 from ..partition import PartitionLayout
+from . import _triton
 from ._common import cast, compute_dtype, custom_op, empty_like, needs_grad, no_autocast, release_cpu_heap
 from .gcru import apply_gate, apply_update
 from .graph import AdaptiveGraph, GraphProducts
@@ -226,67 +227,140 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return b if a is None else (a if b is None else a + b)
 
 
+def _make_step(g: Tensor, mode: str, layout: Sequence[Tensor], w: CellWeights, cheb_k: int, backend: str,
+               shape: Sequence[int]):
+    """The step's implementation: the fused Triton step (``kernels/gcru_cell.py``: about 2K
+    kernels forward, 15 backward) where the step's own ops run on Triton, the graph is dense
+    and the form is not "scaled"; else the composition of the backends' ops."""
+    device = g.device
+    backend = backend or None
+    if (mode == "dense" and w.form != "scaled"
+            and _backend.resolve("gcru_gate", backend, device, True) == "triton"
+            and (w.form not in _POOLED or _backend.resolve("meta_linear", backend, device, True) == "triton")):
+        B, N, H = shape
+        return _fused_step(g, (w.form, w.wgx, w.wgh, w.bg, w.wux, w.wuh, w.bu, w.aux_g), cheb_k, B, N, H)
+    return _ComposedStep(g, mode, layout, w, cheb_k, backend, device)
+
+
+_fused_step = _triton.launcher("gcru_cell", "FusedStep")
+
+
 def _forward_impl(h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend):
     release_cpu_heap(h.device)
     with no_autocast(h.device):
-        p = _Pieces(g, mode, layout, backend or None, h.device)
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
-        return cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward)
+        return _make_step(g, mode, layout, w, cheb_k, backend, h.shape).forward(h, zx)
 
 
-def _step_backward(p: "_Pieces", w: CellWeights, cheb_k: int, h: Tensor, zx: Tensor, dout: Tensor, needs,
-                   acc: Optional[_Acc] = None) -> list:
-    """Gradients of one step's 11 differentiable inputs (h, zx, g, wgx, wgh, bg, wux, wuh, bu,
-    aux_g, aux_u), None where ``needs`` says so: the step rerun, then its derivative in reverse.
-    With ``acc`` (a sequence's buffers) the graph, weight and aux gradients are added into it,
-    and the biases' into the running sums of the pre-activation gradients ("dpre_g", "dpre_u":
-    a bias gradient is a sum of those, taken once at the end); they are returned as None."""
-    n_h, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
-    form = w.form
-    rec: dict = {}
-    p.saved = []
-    cell_math(h, zx, w, cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward, record=rec)
-    saved_h, saved_zh = p.saved
-    K = cheb_k
-    g_acc = acc.get("g", p.products.g) if (acc is not None and n_g) else None
+class _ComposedStep:
+    """The step composed of the backends' ops (:class:`_Pieces`): any graph mode and form.
+    The interface the cell and sequence ops run a step through (the fused Triton step,
+    ``himnet_fast.kernels.gcru_cell.FusedStep``, has the same): ``forward(h, zx)``,
+    ``backward(h, zx, dout, needs, acc=None, dzx_out=None)``, ``first_forward(zx, zeros)`` /
+    ``first_backward(zx, zeros, dout, needs, acc, dzx)`` for a sequence's first step from the
+    zero state (only the input rows and the biases act: no graph product), and
+    ``finish(acc)``, which turns what a sequence's backward steps accumulated into gradients."""
 
-    def bias_grad(key, dpre, needed):
-        if not needed:
+    def __init__(self, g: Tensor, mode: str, layout: Sequence[Tensor], w: CellWeights, cheb_k: int,
+                 backend: Optional[str], device):
+        self.p = _Pieces(g, mode, layout, backend, device)
+        self.w, self.cheb_k = w, cheb_k
+
+    def forward(self, h: Tensor, zx: Tensor) -> Tensor:
+        p = self.p
+        p.saved = []  # the products' saved state is for a backward pass, not needed here
+        return cell_math(h, zx, self.w, self.cheb_k, p.terms, p.pooled, p.gate.forward, p.update.forward)
+
+    def first_forward(self, zx: Tensor, zeros: Tensor, record: Optional[dict] = None) -> Tensor:
+        p, w = self.p, self.w
+        pre_g = add_bias(w.form, linear(w.form, zx, w.wgx, w.aux_g, p.pooled), w.bg)
+        _, r = p.gate.forward(pre_g, zeros)
+        pre_u = add_bias(w.form, linear(w.form, zx, w.wux, w.aux_u, p.pooled), w.bu)
+        if record is not None:
+            record.update(pre_g=pre_g, r=r, pre_u=pre_u)
+        return p.update.forward(pre_u, r, zeros)
+
+    def first_backward(self, zx: Tensor, zeros: Tensor, dout: Tensor, needs, acc: "_Acc", dzx: Optional[Tensor]):
+        """The gradient of zx into ``dzx`` (when needed); the input rows', biases' and aux
+        gradients added into ``acc`` (the biases' as their pre-activation gradients, like
+        :meth:`backward`). ``needs``: (zx, wgx, bg, wux, bu, aux_g, aux_u)."""
+        n_zx, n_wgx, n_bg, n_wux, n_bu, n_ag, n_au = needs
+        p, w = self.p, self.w
+        rec: dict = {}
+        self.first_forward(zx, zeros, rec)
+        dpre_u, dr, _ = p.update.backward(rec["pre_u"], rec["r"], zeros, dout)
+        dpre_g, _ = p.gate.backward(rec["pre_g"], zeros, zeros, dr)
+        if n_bu:
+            acc.get("dpre_u", dpre_u).add_(dpre_u)
+        if n_bg:
+            acc.get("dpre_g", dpre_g).add_(dpre_g)
+        d0, _, _ = p.linear_backward(w.form, dpre_u, zx, w.wux, w.aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
+        d1, _, _ = p.linear_backward(w.form, dpre_g, zx, w.wgx, w.aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
+        if n_zx:
+            torch.add(d0, d1, out=dzx)
+
+    def finish(self, acc: "_Acc") -> None:
+        """After a sequence's last backward: the biases' gradients from the running sums of
+        their pre-activation gradients."""
+        for key, dkey in (("bg", "dpre_g"), ("bu", "dpre_u")):
+            if dkey in acc.buf:
+                acc.buf[key] = _bias_grad(self.w.form, acc.buf.pop(dkey))
+
+    def backward(self, h: Tensor, zx: Tensor, dout: Tensor, needs, acc: Optional["_Acc"] = None,
+                 dzx_out: Optional[Tensor] = None) -> list:
+        """Gradients of the step's 11 differentiable inputs (h, zx, g, wgx, wgh, bg, wux, wuh,
+        bu, aux_g, aux_u), None where ``needs`` says so: the step rerun, then its derivative in
+        reverse. With ``acc`` (a sequence's buffers) the graph, weight and aux gradients are
+        added into it, and the biases' into the running sums of the pre-activation gradients
+        ("dpre_g", "dpre_u": a bias gradient is a sum of those, taken once at the end); they
+        are returned as None. ``dzx_out``: where zx's gradient goes (else a new tensor)."""
+        n_h, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+        p, w, K = self.p, self.w, self.cheb_k
+        form = w.form
+        rec: dict = {}
+        p.saved = []
+        cell_math(h, zx, w, K, p.terms, p.pooled, p.gate.forward, p.update.forward, record=rec)
+        saved_h, saved_zh = p.saved
+        g_acc = acc.get("g", p.products.g) if (acc is not None and n_g) else None
+
+        def bias_grad(key, dpre, needed):
+            if not needed:
+                return None
+            if acc is None:
+                return _bias_grad(form, dpre)
+            acc.get(key, dpre).add_(dpre)
             return None
-        if acc is None:
-            return _bias_grad(form, dpre)
-        acc.get(key, dpre).add_(dpre)
-        return None
 
-    # h' = update(pre_u, r, h)
-    dpre_u, dr, dh = p.update.backward(rec["pre_u"], rec["r"], h, dout)
-    dbu = bias_grad("dpre_u", dpre_u, n_bu)
-    dpz, dwuh, dau = p.linear_backward(form, dpre_u, rec["pz"], w.wuh, w.aux_u, True, n_wuh, n_au, acc, "wuh", "aux_u")
-    dzx, dwux, dau2 = p.linear_backward(form, dpre_u, zx, w.wux, w.aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
-    dau = _add(dau, dau2)
-    # pz = cat_k(T_k (z * h))
-    dzh, dgraph = p.products.terms_backward(list(dpz.chunk(K, dim=-1)), saved_zh, True, n_g, g_acc)
-    # (z * h, r) = gate(pre_g, h)
-    dpre_g, dh2 = p.gate.backward(rec["pre_g"], h, dzh, dr)
-    dh = dh + dh2
-    dbg = bias_grad("dpre_g", dpre_g, n_bg)
-    dph, dwgh, dag = p.linear_backward(form, dpre_g, rec["ph"], w.wgh, w.aux_g, True, n_wgh, n_ag, acc, "wgh", "aux_g")
-    dzx2, dwgx, dag2 = p.linear_backward(form, dpre_g, zx, w.wgx, w.aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
-    dzx, dag = _add(dzx, dzx2), _add(dag, dag2)
-    # ph = cat_k(T_k h)
-    dh3, dgraph2 = p.products.terms_backward(list(dph.chunk(K, dim=-1)), saved_h, n_h, n_g, g_acc)
-    dh = dh + dh3 if n_h else None
-    dgraph = _add(dgraph, dgraph2)
-    return [dh, dzx, dgraph, dwgx, dwgh, dbg, dwux, dwuh, dbu, dag, dau]
+        # h' = update(pre_u, r, h)
+        dpre_u, dr, dh = p.update.backward(rec["pre_u"], rec["r"], h, dout)
+        dbu = bias_grad("dpre_u", dpre_u, n_bu)
+        dpz, dwuh, dau = p.linear_backward(form, dpre_u, rec["pz"], w.wuh, w.aux_u, True, n_wuh, n_au, acc, "wuh", "aux_u")
+        dzx, dwux, dau2 = p.linear_backward(form, dpre_u, zx, w.wux, w.aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
+        dau = _add(dau, dau2)
+        # pz = cat_k(T_k (z * h))
+        dzh, dgraph = p.products.terms_backward(list(dpz.chunk(K, dim=-1)), saved_zh, True, n_g, g_acc)
+        # (z * h, r) = gate(pre_g, h)
+        dpre_g, dh2 = p.gate.backward(rec["pre_g"], h, dzh, dr)
+        dh = dh + dh2
+        dbg = bias_grad("dpre_g", dpre_g, n_bg)
+        dph, dwgh, dag = p.linear_backward(form, dpre_g, rec["ph"], w.wgh, w.aux_g, True, n_wgh, n_ag, acc, "wgh", "aux_g")
+        dzx2, dwgx, dag2 = p.linear_backward(form, dpre_g, zx, w.wgx, w.aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
+        dzx, dag = _add(dzx, dzx2), _add(dag, dag2)
+        # ph = cat_k(T_k h)
+        dh3, dgraph2 = p.products.terms_backward(list(dph.chunk(K, dim=-1)), saved_h, n_h, n_g, g_acc)
+        dh = dh + dh3 if n_h else None
+        dgraph = _add(dgraph, dgraph2)
+        if dzx_out is not None and dzx is not None:
+            dzx = dzx_out.copy_(dzx)
+        return [dh, dzx, dgraph, dwgx, dwgh, dbg, dwux, dwuh, dbu, dag, dau]
 
 
 def _backward_impl(dout, h, zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend,
                    needs):
     release_cpu_heap(h.device)
     with no_autocast(h.device):
-        p = _Pieces(g, mode, layout, backend or None, h.device)
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
-        return _step_backward(p, w, cheb_k, h, zx, dout, needs)
+        return _make_step(g, mode, layout, w, cheb_k, backend, h.shape).backward(h, zx, dout, needs)
 
 
 @custom_op("gcru_cell")
@@ -345,30 +419,16 @@ _gcru_cell.register_autograd(_backward, setup_context=_setup)
 
 # --------------------------------------------------------------------------- a whole sequence
 
-def _first_step(p: "_Pieces", w: CellWeights, zx0: Tensor, zeros: Tensor, record: Optional[dict] = None) -> Tensor:
-    """The first step of a sequence, from the all-zero state: only the input rows and the biases
-    act (the state's terms are zero), so no graph product runs."""
-    pre_g = add_bias(w.form, linear(w.form, zx0, w.wgx, w.aux_g, p.pooled), w.bg)
-    _, r = p.gate.forward(pre_g, zeros)
-    pre_u = add_bias(w.form, linear(w.form, zx0, w.wux, w.aux_u, p.pooled), w.bu)
-    if record is not None:
-        record.update(pre_g=pre_g, r=r, pre_u=pre_u)
-    return p.update.forward(pre_u, r, zeros)
-
-
 def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
     """States (T, B, N, H) of every step from a zero state, zx (T, B, N, K*C) time-major."""
     with no_autocast(zx.device):
-        p = _Pieces(g, mode, layout, backend or None, zx.device)
-        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
         T, B, N, _ = zx.shape
-        zeros = zx.new_zeros(B, N, hidden)
-        states = [_first_step(p, w, zx[0], zeros)]
+        w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, hidden))
+        states = [step.first_forward(zx[0], zx.new_zeros(B, N, hidden))]
         for t in range(1, T):
             release_cpu_heap(zx.device)  # before each step, as in backward (ops/_common.py: why)
-            p.saved = []  # the products' saved state is for a backward pass, not needed here
-            states.append(cell_math(states[-1], zx[t], w, cheb_k, p.terms, p.pooled, p.gate.forward,
-                                    p.update.forward))
+            states.append(step.forward(states[-1], zx[t]))
         return torch.stack(states)
 
 
@@ -379,9 +439,10 @@ def _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, b
     weight and graph gradients added into one buffer each (no per-step gradient tensors)."""
     n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
     T, B, N, _ = zx.shape
+    H = dstates.shape[-1]
     with no_autocast(zx.device):
-        p = _Pieces(g, mode, layout, backend or None, zx.device)
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
+        step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, H))
         acc = _Acc()
         dzx = torch.empty_like(zx) if n_zx else None
         step_needs = [True, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au]
@@ -389,29 +450,16 @@ def _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, b
         for t in range(T - 1, 0, -1):
             release_cpu_heap(zx.device)
             dh = dstates[t] if carry is None else dstates[t] + carry
-            grads = _step_backward(p, w, cheb_k, states[t - 1], zx[t], dh, step_needs, acc)
+            grads = step.backward(states[t - 1], zx[t], dh, step_needs, acc, None if dzx is None else dzx[t])
             carry = grads[0]
-            if n_zx:
-                dzx[t].copy_(grads[1])
         # the first step: from the zero state, through its input rows and biases only
         dh = dstates[0] if carry is None else dstates[0] + carry
-        zeros = zx.new_zeros(B, N, dstates.shape[-1])
-        rec: dict = {}
-        _first_step(p, w, zx[0], zeros, rec)
-        dpre_u, dr, _ = p.update.backward(rec["pre_u"], rec["r"], zeros, dh)
-        dpre_g, _ = p.gate.backward(rec["pre_g"], zeros, zeros, dr)
-        if n_bu:
-            acc.get("dpre_u", dpre_u).add_(dpre_u)
-        if n_bg:
-            acc.get("dpre_g", dpre_g).add_(dpre_g)
-        d0, _, _ = p.linear_backward(form, dpre_u, zx[0], wux, aux_u, n_zx, n_wux, n_au, acc, "wux", "aux_u")
-        d1, _, _ = p.linear_backward(form, dpre_g, zx[0], wgx, aux_g, n_zx, n_wgx, n_ag, acc, "wgx", "aux_g")
-        if n_zx:
-            torch.add(d0, d1, out=dzx[0])
+        step.first_backward(zx[0], zx.new_zeros(B, N, H), dh, (n_zx, n_wgx, n_bg, n_wux, n_bu, n_ag, n_au), acc,
+                            None if dzx is None else dzx[0])
+        step.finish(acc)
         buf = acc.buf
-        out = [dzx, buf.get("g"), buf.get("wgx"), buf.get("wgh"),
-               _bias_grad(form, buf["dpre_g"]) if n_bg else None, buf.get("wux"), buf.get("wuh"),
-               _bias_grad(form, buf["dpre_u"]) if n_bu else None]
+        out = [dzx, buf.get("g"), buf.get("wgx"), buf.get("wgh"), buf.get("bg"), buf.get("wux"), buf.get("wuh"),
+               buf.get("bu")]
         # (the pooled forms pass one query as both aux inputs: autograd adds the two gradients)
         out += [buf.get("aux_g") if n_ag else None, buf.get("aux_u") if n_au else None]
         for i, (t, n) in enumerate(zip(out, needs)):

@@ -57,7 +57,7 @@ class AdaptiveGraph:
     Args:
         embedding: (N, D) for the static graph, (B, N, D) for a per-sample graph.
         dense: True materialises A; False streams; None picks dense when the matrix fits
-            ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is "torch" or automatic.
+            ``$HIMNET_FAST_DENSE_BUDGET_MB`` (default 256) and the backend is not "cuda".
         backend: backend for the streamed product (see ``himnet_fast.available_backends``).
         partition: optional :class:`~himnet_fast.partition.Partition` of the N nodes: the graph
             is then the partitioned one (``softmax(relu(E Eᵀ))`` inside each part plus pooled
@@ -82,8 +82,9 @@ class AdaptiveGraph:
         if dense is None:
             g = embedding.shape[0] if self.per_sample else 1
             fits = g * self.num_nodes * self.num_nodes * 4 <= dense_budget_bytes()
-            # A dense A is torch's path; an explicit triton/cuda request means the fused kernels.
-            dense = fits and _backend.normalize_backend(backend) in (None, "torch")
+            # Where A fits it is built once and its products are GEMMs: torch's path, and the
+            # fused Triton step's (ops/gcru_cell.py). The CUDA extension streams (its fused kernels).
+            dense = fits and _backend.normalize_backend(backend) in (None, "torch", "triton")
         if dense:
             dtype = compute_dtype(embedding.device, embedding)
             with no_autocast(embedding.device):
