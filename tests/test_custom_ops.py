@@ -104,6 +104,45 @@ def test_gcru_sequence(form, mode):
     _opcheck(ops.gcru_sequence.default, (zx_seq, g, layout, *weights, form_, mode_, k, h.shape[-1], backend))
 
 
+def _decoder_args(form, mode, layers=2, teacher=True, T=3, O=1, Cy=2, k=2):
+    """Arguments of himnet_fast::gcru_decoder: ``layers`` cells of one form (layer 0 on the
+    O + Cy wide input, the others on the state), h0, y_cov, labels and coins time-major."""
+    h, zx, g, layout, *w0, form_, mode_, k_, backend = _cell_args(form, mode, "torch", C=O + Cy, k=k)
+    weights, aux = list(w0[:6]), [t for t in w0[6:] if t is not None]
+    for _ in range(1, layers):
+        _, _, _, _, *wl, _, _, _, _ = _cell_args(form, mode, "torch", C=h.shape[-1], k=k)
+        weights += wl[:6]
+        aux += [t for t in wl[6:] if t is not None]
+    B, N, H = h.shape
+    labels = torch.randn(T, B, N, O, **F64) if teacher else None
+    coins = torch.tensor([True, False, True][:T]) if teacher else None
+    return (h, torch.rand(T, B, N, Cy, **F64), labels, coins, g, layout, weights, aux, _leaf(O, H), _leaf(O), form_,
+            mode_, k_, backend)
+
+
+@pytest.mark.parametrize("form,mode,layers", [("ST", "dense", 2), ("T", "streamed", 1), ("S-pooled", "dense", 1),
+                                              ("plain", "partitioned", 1)])
+def test_gcru_decoder(form, mode, layers):
+    """The whole decoder (steps x layers, the projection and the teacher-forcing coins)."""
+    _opcheck(ops.gcru_decoder.default, _decoder_args(form, mode, layers))
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_gcru_decoder_gradcheck(teacher):
+    """float64 gradcheck of the decoder op through two layers, cheb_k 3: h0, the graph, every
+    weight and the projection (the query tied across both maps, as the modules pass it)."""
+    h0, y_cov, labels, coins, g, layout, weights, aux, pw, pb, form, mode, k, backend = _decoder_args(
+        "ST", "dense", 2, teacher, k=3)
+    queries = aux[::2]  # each layer's query, passed for both maps
+
+    def f(h0, g, pw, pb, *ts):
+        ws, qs = list(ts[:12]), ts[12:]
+        outs, _, _ = ops.gcru_decoder.default(h0, y_cov, labels, coins, g, layout, ws, [q for q in qs for _ in (0, 1)],
+                                              pw, pb, form, mode, k, backend)
+        return outs
+    assert torch.autograd.gradcheck(f, (h0, g, pw, pb, *weights, *queries), fast_mode=True)
+
+
 @pytest.mark.parametrize("backend", [b for b in parity_backends() if b != "torch"])
 def test_gcru_cell_other_backends(backend):
     _opcheck(ops.gcru_cell.default, _cell_args("ST", "streamed", backend))

@@ -3,7 +3,9 @@
 A cell's two graph convolutions are turned, once per forward, into the weights of the
 recurrent cell ops (:func:`cell_weights`); a step is then one :func:`~himnet_fast.ops.gcru_cell`
 op (:func:`run_step`) and a whole sequence from a zero state one ``himnet_fast::gcru_sequence``
-op (:func:`run_sequence`, through :func:`~himnet_fast.ops.gcru_cell.gcru_sequence`). Other
+op (:func:`run_sequence`, through :func:`~himnet_fast.ops.gcru_cell.gcru_sequence`); the
+decoder's whole autoregressive run, with its output projection, one ``himnet_fast::gcru_decoder``
+op (:meth:`HimDecoder.run`). Other
 models' cells (AGCRN, HyperST-GCGRU) compose the same functions with their own maps.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .. import _backend
 from .._checks import check_tensor
 from ..ops._common import cast, compute_dtype
 from ..ops.gcru_cell import CellWeights, cell_step, gcru_sequence
+from ..ops.gcru_decoder import gcru_decoder
 from ..ops.graph import AdaptiveGraph
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
@@ -191,3 +194,12 @@ class HimDecoder(_Stack):
             current = cell.step(current, state, graph, w)
             out.append(current)
         return current, out
+
+    def run(self, h0: Tensor, y_cov: Tensor, labels: Optional[Tensor], teacher: Optional[Tensor], support: Support,
+            weights: List[CellWeights], proj: nn.Linear) -> Tensor:
+        """Every decoder step of HimNet (:func:`~himnet_fast.ops.gcru_decoder.gcru_decoder`):
+        from h0 (B, N, H) for every layer, y_cov (B, T, N, Cy), the teacher-forcing ``labels``
+        (B, T, N, O) and coins ``teacher`` (T,) bool (None without), ``weights`` from
+        :meth:`weights` and the output projection ``proj`` -> forecasts (B, T, N, O)."""
+        return gcru_decoder(h0, y_cov, labels, teacher, as_graph(support), weights, proj.weight, proj.bias,
+                            self.cells[0].cheb_k, self.backend, self.cells[0].recompute)

@@ -254,17 +254,10 @@ class HimNet(nn.Module):
         graph_st = AdaptiveGraph(st_embedding, dense=self.dense_graph, backend=self.backend,
                                  partition=self.partition).cast(weights[0].wgh.dtype)
 
-        ht_list = [h_last] * self.num_layers
-        go = h_last.new_zeros(x.shape[0], self.num_nodes, self.output_dim)
-        out = []
-        for t in range(self.out_steps):
-            xt = torch.cat([go, y_cov[:, t].to(go.dtype)], dim=-1)
-            h_de, ht_list = self.decoder(xt, ht_list, graph_st, st_embedding, weights=weights)
-            go = self.out_proj(h_de)
-            out.append(go)
-            if teacher:  # the label replaces the forecast as the next input on the drawn steps
-                go = torch.where(teacher_forcing[t], labels[:, t].to(go.dtype), go)
-        return torch.stack(out, dim=1)
+        # Every layer starts from h_last; on the steps the coins drew, the label replaces the
+        # forecast as the next input.
+        return self.decoder.run(h_last, y_cov[:, :self.out_steps], labels if teacher else None,
+                                teacher_forcing if teacher else None, graph_st, weights, self.out_proj)
 
     def forecast(self, history, timestamps=None, **kwargs):
         """The forecast after the last row of ``history``, in the units of the readings.
