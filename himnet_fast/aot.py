@@ -5,7 +5,7 @@
 How: Triton's active driver is replaced by :class:`AotDriver`, which reports an sm_XX target
 and a device 0 but has no GPU behind it, and ``JITFunction.run`` is wrapped so that every
 launch only compiles (Triton's ``warmup`` path) and records the compiled kernel and its grid.
-The real model (:class:`himnet_fast.HimNet`, backend "triton", streamed adaptive graphs) then
+The real model (:class:`himnet_fast.HimNet`, backend "triton", streamed and dense graphs) then
 runs forward and backward on **meta** tensors: the real launchers compute their grids, block
 sizes and constexprs from real shapes, ``check_offsets`` and the other launcher checks run,
 and nothing is allocated. Identical specialisations compile once (Triton's per-kernel cache
@@ -225,21 +225,24 @@ def _precision(precision: str):
 
 
 def run_config(cfg: Config) -> None:
-    """One HimNet forward + backward on meta tensors through the Triton launchers."""
+    """HimNet forward + backward on meta tensors through the Triton launchers: once with
+    streamed graphs (the adaptive-product kernels), once with the graphs dense where they fit
+    the budget (the fused recurrent step's kernels; at N = 100,000 that is streamed again)."""
     from himnet_fast import HimNet
     from himnet_fast.ops import _triton as tb
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     half = max(1, cfg.D // 2)
     with torch.device("meta"), tb.allow_meta(), _precision(cfg.precision):
-        model = HimNet(cfg.N, hidden_dim=cfg.hidden, cheb_k=cfg.cheb_k, node_embedding_dim=cfg.D,
-                       st_embedding_dim=cfg.D, tod_embedding_dim=half, dow_embedding_dim=cfg.D - half,
-                       backend="triton", dense_graph=False, check_inputs=False,
-                       use_teacher_forcing=False).to(dtype)
-        x = torch.empty(cfg.B, 12, cfg.N, 3, dtype=dtype)
-        y_cov = torch.empty(cfg.B, 12, cfg.N, 2, dtype=dtype)
-        y = model(x, y_cov)
-        y.sum().backward()
+        for dense in (False, None):
+            model = HimNet(cfg.N, hidden_dim=cfg.hidden, cheb_k=cfg.cheb_k, node_embedding_dim=cfg.D,
+                           st_embedding_dim=cfg.D, tod_embedding_dim=half, dow_embedding_dim=cfg.D - half,
+                           backend="triton", dense_graph=dense, check_inputs=False,
+                           use_teacher_forcing=False).to(dtype)
+            x = torch.empty(cfg.B, 12, cfg.N, 3, dtype=dtype)
+            y_cov = torch.empty(cfg.B, 12, cfg.N, 2, dtype=dtype)
+            y = model(x, y_cov)
+            y.sum().backward()
 
 
 def compile_grid(configs: Iterable[Config], arch: int = 90, verbose: bool = False) -> Tuple[List[Row], List[str]]:

@@ -420,7 +420,8 @@ _gcru_cell.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------- a whole sequence
 
 def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
-    """States (T, B, N, H) of every step from a zero state, zx (T, B, N, K*C) time-major."""
+    """(States (T, B, N, H) of every step from a zero state, the last one as its own tensor),
+    zx (T, B, N, K*C) time-major."""
     with no_autocast(zx.device):
         T, B, N, _ = zx.shape
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
@@ -429,31 +430,35 @@ def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, f
         for t in range(1, T):
             release_cpu_heap(zx.device)  # before each step, as in backward (ops/_common.py: why)
             states.append(step.forward(states[-1], zx[t]))
-        return torch.stack(states)
+        return torch.stack(states), states[-1]
 
 
-def _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k,
-                       backend, needs):
+def _sequence_backward(dstates, dlast, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode,
+                       cheb_k, backend, needs):
     """Gradients of the sequence op's 10 differentiable inputs (zx, g, wgx, wgh, bg, wux, wuh,
-    bu, aux_g, aux_u): the steps in reverse, each rerun from its saved input state, their
-    weight and graph gradients added into one buffer each (no per-step gradient tensors)."""
+    bu, aux_g, aux_u) from those of the states and of the last state (either None when unused:
+    a caller of the last state alone adds nothing per step): the steps in reverse, each rerun
+    from its saved input state, their weight and graph gradients added into one buffer each
+    (no per-step gradient tensors)."""
     n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
     T, B, N, _ = zx.shape
-    H = dstates.shape[-1]
+    H = states.shape[-1]
     with no_autocast(zx.device):
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
         step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, H))
         acc = _Acc()
         dzx = torch.empty_like(zx) if n_zx else None
         step_needs = [True, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au]
-        carry = None
+        if dstates is None and dlast is None:
+            dlast = zx.new_zeros(B, N, H)
+        carry = dlast  # the gradient of the state after step t
         for t in range(T - 1, 0, -1):
             release_cpu_heap(zx.device)
-            dh = dstates[t] if carry is None else dstates[t] + carry
+            dh = _add(None if dstates is None else dstates[t], carry)
             grads = step.backward(states[t - 1], zx[t], dh, step_needs, acc, None if dzx is None else dzx[t])
             carry = grads[0]
         # the first step: from the zero state, through its input rows and biases only
-        dh = dstates[0] if carry is None else dstates[0] + carry
+        dh = _add(None if dstates is None else dstates[0], carry)
         step.first_backward(zx[0], zx.new_zeros(B, N, H), dh, (n_zx, n_wgx, n_bg, n_wux, n_bu, n_ag, n_au), acc,
                             None if dzx is None else dzx[0])
         step.finish(acc)
@@ -472,28 +477,30 @@ def _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, b
 @custom_op("gcru_sequence")
 def _gcru_sequence(zx: Tensor, g: Tensor, layout: List[Tensor], wgx: Tensor, wgh: Tensor, bg: Tensor, wux: Tensor,
                    wuh: Tensor, bu: Tensor, aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str, mode: str,
-                   cheb_k: int, hidden: int, backend: str) -> Tensor:
-    return _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden,
-                             backend).contiguous()
+                   cheb_k: int, hidden: int, backend: str) -> Tuple[Tensor, Tensor]:
+    states, last = _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k,
+                                     hidden, backend)
+    return states.contiguous(), last.contiguous()
 
 
 @_gcru_sequence.register_fake
 def _(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
-    return zx.new_empty(zx.shape[0], zx.shape[1], zx.shape[2], hidden)
+    return zx.new_empty(zx.shape[0], zx.shape[1], zx.shape[2], hidden), zx.new_empty(zx.shape[1], zx.shape[2], hidden)
 
 
 @custom_op("gcru_sequence_backward")
-def _gcru_sequence_backward(dstates: Tensor, zx: Tensor, states: Tensor, g: Tensor, layout: List[Tensor],
-                            wgx: Tensor, wgh: Tensor, bg: Tensor, wux: Tensor, wuh: Tensor, bu: Tensor,
-                            aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str, mode: str, cheb_k: int,
-                            backend: str, needs: List[bool]) -> List[Tensor]:
-    grads = _sequence_backward(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode,
-                               cheb_k, backend, needs)
+def _gcru_sequence_backward(dstates: Optional[Tensor], dlast: Optional[Tensor], zx: Tensor, states: Tensor, g: Tensor,
+                            layout: List[Tensor], wgx: Tensor, wgh: Tensor, bg: Tensor, wux: Tensor, wuh: Tensor,
+                            bu: Tensor, aux_g: Optional[Tensor], aux_u: Optional[Tensor], form: str, mode: str,
+                            cheb_k: int, backend: str, needs: List[bool]) -> List[Tensor]:
+    grads = _sequence_backward(dstates, dlast, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form,
+                               mode, cheb_k, backend, needs)
     return [t.contiguous() for t, n in zip(grads, needs) if n]
 
 
 @_gcru_sequence_backward.register_fake
-def _(dstates, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend, needs):
+def _(dstates, dlast, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, backend,
+      needs):
     inputs = (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
     return [empty_like(t) for t, n in zip(inputs, needs) if n]
 
@@ -503,17 +510,19 @@ _SEQ_DIFF = (0, 1, 3, 4, 5, 6, 7, 8, 9, 10)  # positions of the differentiable i
 
 def _setup_sequence(ctx, inputs, output):
     zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend = inputs
-    ctx.save_for_backward(zx, output, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout)
+    ctx.save_for_backward(zx, output[0], g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout)
     ctx.args = (form, mode, cheb_k, backend)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros, no adds
 
 
-def _backward_sequence(ctx, dstates):
+def _backward_sequence(ctx, dstates, dlast):
     zx, states, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, *layout = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in _SEQ_DIFF]
     needs[8] = needs[8] and aux_g is not None
     needs[9] = needs[9] and aux_u is not None
-    grads = iter(_gcru_sequence_backward(dstates.contiguous(), zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu,
-                                         aux_g, aux_u, *ctx.args, needs))
+    grads = iter(_gcru_sequence_backward(None if dstates is None else dstates.contiguous(),
+                                         None if dlast is None else dlast.contiguous(), zx, states, g, layout, wgx,
+                                         wgh, bg, wux, wuh, bu, aux_g, aux_u, *ctx.args, needs))
     g_zx, g_g, g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au = (next(grads) if n else None for n in needs)
     return (g_zx, g_g, [None] * len(layout), g_wgx, g_wgh, g_bg, g_wux, g_wuh, g_bu, g_ag, g_au,
             None, None, None, None, None)
@@ -568,9 +577,9 @@ def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k
         # One op for the whole sequence: its backward reruns each step and adds the steps'
         # weight and graph gradients into one buffer each.
         layout = list(graph.layout) if graph.layout is not None else []
-        states = _gcru_sequence(zx.transpose(0, 1).contiguous(), graph.tensor, layout, *weights.tensors(),
-                                weights.form, graph.mode, cheb_k, hidden, backend or "").transpose(0, 1)
-        return states, states[:, -1]
+        states, last = _gcru_sequence(zx.transpose(0, 1).contiguous(), graph.tensor, layout, *weights.tensors(),
+                                      weights.form, graph.mode, cheb_k, hidden, backend or "")
+        return states.transpose(0, 1), last
     # unbind, not [:, t]: its backward stacks the T step gradients once instead of
     # scattering each into a fresh zero (B, T, N, K*C) buffer.
     zxs = zx.unbind(1)
