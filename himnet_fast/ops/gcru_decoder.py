@@ -12,7 +12,7 @@ l > 0 on the new state of layer l - 1, and the top layer's state is projected to
 Why an op: run step by step through autograd, every step's cell op returns its own gradient
 of every weight, bias, query and of the (B, N, N) per-sample graph, and autograd adds them up:
 about 15 extra kernels and a graph-sized temporary per step. ``himnet_fast::gcru_decoder``
-saves its inputs, the inputs ``x_t`` (narrow) and the states (B*N*H per step and layer, what
+saves its inputs, layer 0's propagated inputs ``cat_k(T_k x_t)`` (narrow) and the states (B*N*H per step and layer, what
 the step-by-step cell ops saved too), and its backward (``himnet_fast::gcru_decoder_backward``)
 walks the steps in reverse, reruns each layer's step from its saved state and adds the
 gradients of the weights, the graph and the projection into one buffer each, as the encoder's
@@ -69,27 +69,32 @@ def _inputs(outs_prev: Optional[Tensor], y_cov_t: Tensor, labels: Optional[Tenso
 
 def _decoder_forward(h0, y_cov, labels, teacher, g, layout, weights, aux, proj_w, proj_b, form, mode, cheb_k,
                      backend):
-    """(forecasts (T, B, N, O), states (T, L, B, N, H), inputs x_t (T, B, N, O + Cy)), time-major."""
+    """(forecasts (T, B, N, O), states (T, L, B, N, H), layer 0's propagated inputs
+    cat_k(T_k x_t) (T, B, N, K*(O + Cy))), time-major."""
     with no_autocast(h0.device):
         layers = _layers(weights, aux, form)
         T = y_cov.shape[0]
         B, N, H = h0.shape
         steps = [_make_step(g, mode, layout, w, cheb_k, backend, (B, N, H)) for w in layers]
         products = GraphProducts(mode, g, _layout_or_none(layout), backend or None, False)
-        xs = h0.new_empty(T, B, N, proj_w.shape[0] + y_cov.shape[-1])
+        C = proj_w.shape[0] + y_cov.shape[-1]
+        x_t = h0.new_empty(B, N, C)
+        zx0 = h0.new_empty(T, B, N, cheb_k * C)  # narrow (C = O + Cy): kept for backward
         outs, states, state = [], [], [h0] * len(layers)
         for t in range(T):
             release_cpu_heap(h0.device)  # before each step, as in backward (ops/_common.py: why)
-            x = _inputs(outs[-1] if outs else None, y_cov[t], labels, teacher, t, xs[t])
+            x = _inputs(outs[-1] if outs else None, y_cov[t], labels, teacher, t, x_t)
             for l, step in enumerate(steps):
-                x = step.forward(state[l], torch.cat(products.terms(x, cheb_k)[0], dim=-1))
+                zs = products.terms(x, cheb_k)[0]
+                zx = torch.cat(zs, dim=-1, out=zx0[t]) if l == 0 else torch.cat(zs, dim=-1)
+                x = step.forward(state[l], zx)
                 state[l] = x
                 states.append(x)
             outs.append(F.linear(x, proj_w, proj_b))
-        return torch.stack(outs), torch.stack(states).view(T, len(layers), B, N, H), xs
+        return torch.stack(outs), torch.stack(states).view(T, len(layers), B, N, H), zx0
 
 
-def _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, xs, form, mode,
+def _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, zx0, form, mode,
                       cheb_k, backend, needs):
     """Gradients of (h0, g, every layer's 8 weights (aux None where the form has none), proj_w,
     proj_b), None where not needed; ``needs`` in that order."""
@@ -108,32 +113,36 @@ def _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_
             g_acc = torch.zeros_like(g, memory_format=torch.contiguous_format)
             for acc in accs:  # one graph gradient for every layer and the input propagation
                 acc.buf["g"] = g_acc
-        d_pw = torch.zeros_like(proj_w) if n_pw else None
-        dgo_sum = torch.zeros_like(douts[0]) if n_pb else None
+        # go_t's gradient: its own, plus where the forecast (not the label) fed x_{t+1}, that
+        # input's; one buffer for all steps, so the projection's gradients are one GEMM and one
+        # sum at the end. ``keep`` (1 where the forecast was fed back) avoids host reads.
+        dgos = douts.clone()
+        keep = None if teacher is None else (~teacher).to(douts.dtype)
         carry: List[Optional[Tensor]] = [None] * L   # d h^l_t from step t + 1 (as its state)
         dx_next = None                               # d x_{t+1}
         for t in range(T - 1, -1, -1):
             release_cpu_heap(h0.device)
-            dgo = douts[t]
-            if dx_next is not None:  # go_t fed x_{t+1} unless the label replaced it
+            dgo = dgos[t]
+            if dx_next is not None:
                 d_in = dx_next[..., :O]
-                dgo = dgo + (d_in if teacher is None else torch.where(teacher[t], 0.0, d_in))
-            top = states[t, L - 1]
-            if n_pw:
-                d_pw.addmm_(dgo.reshape(-1, O).t(), top.reshape(-1, H))
-            if n_pb:
-                dgo_sum.add_(dgo)
-            d_state = torch.matmul(dgo, proj_w)
-            if carry[L - 1] is not None:
-                d_state = d_state + carry[L - 1]
+                dgo.add_(d_in) if keep is None else dgo.addcmul_(d_in, keep[t])
+            if carry[L - 1] is None:
+                d_state = torch.matmul(dgo, proj_w)
+            else:
+                d_state = torch.addmm(carry[L - 1].reshape(-1, H), dgo.reshape(-1, O), proj_w).view(B, N, H)
             for l in range(L - 1, -1, -1):
                 prev = states[t - 1, l] if t > 0 else h0
-                x = states[t, l - 1] if l > 0 else xs[t]
-                zs, saved = products.terms(x, cheb_k)
+                if l == 0:
+                    zs = list(zx0[t].chunk(cheb_k, dim=-1))
+                    saved = products.saved_of(zs)
+                    if saved is None:  # products that keep more than their inputs: rerun them
+                        zs, saved = products.terms(zs[0], cheb_k)
+                else:
+                    zs, saved = products.terms(states[t, l - 1], cheb_k)
                 w_needs = n_w[l * _PER_LAYER:(l + 1) * _PER_LAYER]
                 aux_needs = [bool(n) and a is not None for n, a in zip(w_needs[6:], layers[l].tensors()[6:])]
-                grads = steps[l].backward(prev, torch.cat(zs, dim=-1), d_state, [True, True, n_g, *w_needs[:6],
-                                                                                    *aux_needs], accs[l])
+                zx = zx0[t] if l == 0 else torch.cat(zs, dim=-1)
+                grads = steps[l].backward(prev, zx, d_state, [True, True, n_g, *w_needs[:6], *aux_needs], accs[l])
                 carry[l] = grads[0]
                 need_x = l > 0 or t > 0
                 dx, _ = products.terms_backward(list(grads[1].chunk(cheb_k, dim=-1)), saved, need_x, n_g, g_acc)
@@ -158,8 +167,10 @@ def _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_
                     like = w.tensors()[i]
                     got = acc.buf.get(key)
                     out[j] = got if got is not None else torch.zeros_like(like)
-        out[-2] = d_pw
-        out[-1] = dgo_sum.sum((0, 1)) if n_pb else None
+        if n_pw:
+            top = states[:, L - 1].reshape(-1, H)
+            out[-2] = dgos.reshape(-1, O).t().mm(top)
+        out[-1] = dgos.sum((0, 1, 2)) if n_pb else None
         return out
 
 
@@ -167,16 +178,16 @@ def _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_
 def _gcru_decoder(h0: Tensor, y_cov: Tensor, labels: Optional[Tensor], teacher: Optional[Tensor], g: Tensor,
                   layout: List[Tensor], weights: List[Tensor], aux: List[Tensor], proj_w: Tensor, proj_b: Tensor,
                   form: str, mode: str, cheb_k: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    outs, states, xs = _decoder_forward(h0, y_cov, labels, teacher, g, layout, weights, aux, proj_w, proj_b, form,
+    outs, states, zx0 = _decoder_forward(h0, y_cov, labels, teacher, g, layout, weights, aux, proj_w, proj_b, form,
                                         mode, cheb_k, backend)
-    return outs.contiguous(), states.contiguous(), xs.contiguous()
+    return outs.contiguous(), states.contiguous(), zx0.contiguous()
 
 
 @_gcru_decoder.register_fake
 def _(h0, y_cov, labels, teacher, g, layout, weights, aux, proj_w, proj_b, form, mode, cheb_k, backend):
     T, (B, N, H), O = y_cov.shape[0], h0.shape, proj_w.shape[0]
     L = len(weights) // 6
-    return (h0.new_empty(T, B, N, O), h0.new_empty(T, L, B, N, H), h0.new_empty(T, B, N, O + y_cov.shape[-1]))
+    return (h0.new_empty(T, B, N, O), h0.new_empty(T, L, B, N, H), h0.new_empty(T, B, N, cheb_k * (O + y_cov.shape[-1])))
 
 
 def _needs_order(needs: Sequence[bool], L: int, has_aux: bool) -> List[bool]:
@@ -190,11 +201,11 @@ def _needs_order(needs: Sequence[bool], L: int, has_aux: bool) -> List[bool]:
 @custom_op("gcru_decoder_backward")
 def _gcru_decoder_backward(douts: Tensor, h0: Tensor, labels: Optional[Tensor], teacher: Optional[Tensor],
                            g: Tensor, layout: List[Tensor], weights: List[Tensor], aux: List[Tensor], proj_w: Tensor,
-                           proj_b: Tensor, states: Tensor, xs: Tensor, form: str, mode: str, cheb_k: int,
+                           proj_b: Tensor, states: Tensor, zx0: Tensor, form: str, mode: str, cheb_k: int,
                            backend: str, needs: List[bool]) -> List[Tensor]:
     """The gradients ``needs`` asks for, in the order (h0, g, weights, aux, proj_w, proj_b)."""
     L = len(weights) // 6
-    grads = _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, xs, form,
+    grads = _decoder_backward(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, zx0, form,
                               mode, cheb_k, backend, _needs_order(needs, L, bool(aux)))
     h0g, gg, per, pw, pb = grads[0], grads[1], grads[2:-2], grads[-2], grads[-1]
     wg = [t for l in range(L) for t in per[8 * l:8 * l + 6]]
@@ -203,7 +214,7 @@ def _gcru_decoder_backward(douts: Tensor, h0: Tensor, labels: Optional[Tensor], 
 
 
 @_gcru_decoder_backward.register_fake
-def _(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, xs, form, mode, cheb_k, backend,
+def _(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, states, zx0, form, mode, cheb_k, backend,
       needs):
     inputs = [h0, g, *weights, *aux, proj_w, proj_b]
     return [empty_like(t) for t, n in zip(inputs, needs) if n]
@@ -211,20 +222,20 @@ def _(douts, h0, labels, teacher, g, layout, weights, aux, proj_w, proj_b, state
 
 def _setup(ctx, inputs, output):
     h0, y_cov, labels, teacher, g, layout, weights, aux, proj_w, proj_b, form, mode, cheb_k, backend = inputs
-    _, states, xs = output
+    _, states, zx0 = output
     ctx.sizes = (len(layout), len(weights), len(aux))
-    ctx.save_for_backward(h0, labels, teacher, g, proj_w, proj_b, states, xs, *layout, *weights, *aux)
+    ctx.save_for_backward(h0, labels, teacher, g, proj_w, proj_b, states, zx0, *layout, *weights, *aux)
     ctx.args = (form, mode, cheb_k, backend)
 
 
 def _backward(ctx, douts, _dstates, _dxs):
-    h0, labels, teacher, g, proj_w, proj_b, states, xs, *rest = ctx.saved_tensors
+    h0, labels, teacher, g, proj_w, proj_b, states, zx0, *rest = ctx.saved_tensors
     n_l, n_w, n_a = ctx.sizes
     layout, weights, aux = rest[:n_l], rest[n_l:n_l + n_w], rest[n_l + n_w:]
     nig = ctx.needs_input_grad
     needs = [bool(nig[0]), bool(nig[4]), *map(bool, nig[6]), *map(bool, nig[7]), bool(nig[8]), bool(nig[9])]
     grads = iter(_gcru_decoder_backward(douts.contiguous(), h0, labels, teacher, g, layout, weights, aux, proj_w,
-                                        proj_b, states, xs, *ctx.args, needs))
+                                        proj_b, states, zx0, *ctx.args, needs))
     d_h0, d_g, *rest = (next(grads) if n else None for n in needs)
     return (d_h0, None, None, None, d_g, [None] * n_l, rest[:n_w], rest[n_w:n_w + n_a], rest[-2], rest[-1],
             None, None, None, None)

@@ -272,6 +272,11 @@ class GraphProducts:
             return out
         return chebyshev_terms(x, cheb_k, product), saved
 
+    def saved_of(self, z: List[Tensor]) -> Optional[list]:
+        """What :meth:`terms` saved, rebuilt from its terms ``z`` where the products keep only
+        their inputs (dense: a caller that kept the terms needs no rerun); else None."""
+        return [(v, ()) for v in z[:-1]] if self.mode == "dense" else None
+
     def terms_backward(self, dz: List[Tensor], saved: list, need_x: bool, need_g: bool,
                        g_acc: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dx, dg) from the gradients ``dz`` of the K terms (the recursion in reverse:
