@@ -57,53 +57,70 @@ EPI_NONE, EPI_GATE, EPI_UPDATE, EPI_UPDATE_BWD = 0, 1, 2, 3
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_offsets(pid_r, G, M, BLOCK_M: tl.constexpr, PER_ROW: tl.constexpr):
-    """(g, m, mask) of this program's rows: across groups (PER_ROW) or within one group."""
+def _rows(pid_r, G0, M0, M1, N, BY0: tl.constexpr, BY1: tl.constexpr, BLOCK_M: tl.constexpr,
+          PER_ROW: tl.constexpr):
+    """This program's rows as (part, b, n, mask, w): the part (0, or 1 of a pair), the rows'
+    sample b and node n, and the index w of their weight. PER_ROW (POOLED, one part): BLOCK_M
+    consecutive rows of the (b, n) grid (G0 = B samples of M0 = N nodes). Else (GROUPED):
+    BLOCK_M members of one group, part 0's groups first (G0 groups of M0 members; per node
+    when BY0, i.e. b is the member), then part 1's (M1 members, per node when BY1); w counts
+    part 0's groups, then part 1's. Arithmetic, not branches, selects the part."""
     if PER_ROW:
         rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = rr < G * M
-        g = rr // M
-        m = rr % M
+        mask = rr < G0 * M0
+        b = rr // N
+        n = rr % N
+        part = 0
+        w = 0
     else:
+        n0 = G0 * tl.cdiv(M0, BLOCK_M)
+        part = (pid_r >= n0).to(tl.int32)
+        local = pid_r - part * n0
+        M = M0 + part * (M1 - M0)
+        by = BY0 + part * (BY1 - BY0)
         n_m = tl.cdiv(M, BLOCK_M)
-        g = pid_r // n_m + tl.zeros((BLOCK_M,), dtype=tl.int32)
-        m = (pid_r % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = local // n_m
+        m = (local % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = m < M
-    return g, m, mask
+        gv = g + tl.zeros((BLOCK_M,), dtype=tl.int32)
+        b = tl.where(by == 1, m, gv)
+        n = tl.where(by == 1, gv, m)
+        w = part * G0 + g
+    return part, b, n, mask, w
 
 
 @triton.jit
 def _cell_fwd_kernel(
-    x_ptr, t0_ptr, t_ptr, wx_ptr, wh_ptr, b_ptr, q_ptr, h_ptr, r_ptr, d_ptr, o1_ptr, o2_ptr, o3_ptr,
-    G, M, C0, H, O, D,
-    sx_g, sx_m, sx_c, s0_g, s0_m, s0_c, st_k, st_g, st_m, st_c,
+    x_ptr, t0_ptr, t_ptr, wx_ptr, wh_ptr, b_ptr, q_ptr, h_ptr, r_ptr, d_ptr, o1_ptr, o2_ptr, o3_ptr, ob_ptr,
+    G0, M0, M1, N, C0, H, O, D,
+    sx_p, sx_b, sx_n, sx_c, s0_p, s0_b, s0_n, s0_c, st_k, st_p, st_b, st_n, st_c,
     swx_w, swx_i, swx_o, swh_w, swh_i, swh_o,
-    sb_g, sb_m, sb_o, sq_g, sq_m, sq_d,
-    sh_g, sh_m, sh_c, sr_g, sr_m, sr_c, sd_g, sd_m, sd_c,
-    s1_g, s1_m, s1_c, s2_g, s2_m, s2_c, s3_g, s3_m, s3_c,
-    K: tl.constexpr, FORM: tl.constexpr, EPI: tl.constexpr, SAVE_PRE: tl.constexpr, HAS_X: tl.constexpr,
+    sb_w, sb_b, sb_n, sb_o, sq_b, sq_n, sq_d,
+    sh_p, sh_b, sh_n, sh_c, sr_p, sr_b, sr_n, sr_c, sd_p, sd_b, sd_n, sd_c,
+    s1_p, s1_b, s1_n, s1_c, s2_p, s2_b, s2_n, s2_c, s3_p, s3_b, s3_n, s3_c, sob_b, sob_n, sob_o,
+    K: tl.constexpr, FORM: tl.constexpr, BY0: tl.constexpr, BY1: tl.constexpr, EPI: tl.constexpr,
+    SAVE_PRE: tl.constexpr, HAS_X: tl.constexpr, ACC_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
-    """pre = zx @ Wx + sum_k Z_k @ Wh[k] + b for a tile of rows and columns, then EPI."""
+    """pre = zx @ Wx + sum_k Z_k @ Wh[k] + b for a tile of rows and columns, then EPI. With
+    ACC_B (EPI_UPDATE_BWD, one bias per row) dpre is also added into ob[b, n, o], a sequence's
+    running bias gradient."""
     pid = tl.program_id(0)
     n_o = tl.cdiv(O, BLOCK_O)
     pid_o = pid % n_o
     pid_r = pid // n_o
-    g, m, r_mask = _row_offsets(pid_r, G, M, BLOCK_M, FORM == 1)
+    p, b, n, r_mask, w_idx = _rows(pid_r, G0, M0, M1, N, BY0, BY1, BLOCK_M, FORM == 1)
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = ro < O
     rk = tl.arange(0, BLOCK_K)
-    # the weight of these rows: their group's (GROUPED), or the pool (POOLED, w index = d)
-    if FORM == 0:
-        gw = tl.max(g, axis=0)  # one group per tile
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=ACC)
     # inputs j = 0 (zx, C0 columns: x weight rows) and j = 1..K (the terms, H columns each:
     # rows (j-1)*H.. of the state weight)
     for j in tl.static_range(0 if HAS_X else 1, K + 1):
         if j == 0:
             width = C0
-            rows_ptr = x_ptr + g * sx_g + m * sx_m
+            rows_ptr = x_ptr + p * sx_p + b * sx_b + n * sx_n
             s_c = sx_c
             w_base = wx_ptr
             sw_w, sw_i, sw_o = swx_w, swx_i, swx_o
@@ -111,10 +128,10 @@ def _cell_fwd_kernel(
         else:
             width = H
             if j == 1:
-                rows_ptr = t0_ptr + g * s0_g + m * s0_m
+                rows_ptr = t0_ptr + p * s0_p + b * s0_b + n * s0_n
                 s_c = s0_c
             else:
-                rows_ptr = t_ptr + (j - 2) * st_k + g * st_g + m * st_m
+                rows_ptr = t_ptr + (j - 2) * st_k + p * st_p + b * st_b + n * st_n
                 s_c = st_c
             w_base = wh_ptr
             sw_w, sw_i, sw_o = swh_w, swh_i, swh_o
@@ -126,20 +143,22 @@ def _cell_fwd_kernel(
             w_tile = w_base + (i0 + kk)[:, None] * sw_i + ro[None, :] * sw_o
             w_mask = k_mask[:, None] & o_mask[None, :]
             if FORM == 0:
-                w = tl.load(w_tile + gw * sw_w, mask=w_mask, other=0.0)
+                w = tl.load(w_tile + w_idx * sw_w, mask=w_mask, other=0.0)
                 acc = tl.dot(xt.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
             else:
                 xf = xt.to(ACC)
                 for d in range(D):
-                    qd = tl.load(q_ptr + g * sq_g + m * sq_m + d * sq_d, mask=r_mask, other=0.0).to(ACC)
+                    qd = tl.load(q_ptr + b * sq_b + n * sq_n + d * sq_d, mask=r_mask, other=0.0).to(ACC)
                     w = tl.load(w_tile + d * sw_w, mask=w_mask, other=0.0)
                     acc = tl.dot(to_storage(xf * qd[:, None], w.dtype, RNE).to(DOT), w.to(DOT), acc,
                                  input_precision=PRECISION)
     mask2 = r_mask[:, None] & o_mask[None, :]
-    acc += tl.load(b_ptr + g[:, None] * sb_g + m[:, None] * sb_m + ro[None, :] * sb_o, mask=mask2,
+    acc += tl.load(b_ptr + w_idx * sb_w + b[:, None] * sb_b + n[:, None] * sb_n + ro[None, :] * sb_o, mask=mask2,
                    other=0.0).to(ACC)
+    B2 = b[:, None]
+    N2 = n[:, None]
     if EPI == 0:
-        tl.store(o1_ptr + g[:, None] * s1_g + m[:, None] * s1_m + ro[None, :] * s1_c,
+        tl.store(o1_ptr + p * s1_p + B2 * s1_b + N2 * s1_n + ro[None, :] * s1_c,
                  to_storage(acc, o1_ptr.dtype.element_ty, RNE), mask=mask2)
     elif EPI == 1:
         # gate: columns [0, H) are z (write z * h), [H, 2H) are r
@@ -149,81 +168,82 @@ def _cell_fwd_kernel(
         cr = tl.where(is_z, 0, ro - H)
         zmask = mask2 & is_z[None, :]
         rmask = mask2 & (~is_z)[None, :]
-        h = tl.load(h_ptr + g[:, None] * sh_g + m[:, None] * sh_m + cz[None, :] * sh_c, mask=zmask,
-                    other=0.0).to(ACC)
-        tl.store(o1_ptr + g[:, None] * s1_g + m[:, None] * s1_m + cz[None, :] * s1_c,
+        h = tl.load(h_ptr + p * sh_p + B2 * sh_b + N2 * sh_n + cz[None, :] * sh_c, mask=zmask, other=0.0).to(ACC)
+        tl.store(o1_ptr + p * s1_p + B2 * s1_b + N2 * s1_n + cz[None, :] * s1_c,
                  to_storage(s * h, o1_ptr.dtype.element_ty, RNE), mask=zmask)
-        tl.store(o2_ptr + g[:, None] * s2_g + m[:, None] * s2_m + cr[None, :] * s2_c,
+        tl.store(o2_ptr + p * s2_p + B2 * s2_b + N2 * s2_n + cr[None, :] * s2_c,
                  to_storage(s, o2_ptr.dtype.element_ty, RNE), mask=rmask)
         if SAVE_PRE:
-            tl.store(o3_ptr + g[:, None] * s3_g + m[:, None] * s3_m + ro[None, :] * s3_c,
+            tl.store(o3_ptr + p * s3_p + B2 * s3_b + N2 * s3_n + ro[None, :] * s3_c,
                      to_storage(acc, o3_ptr.dtype.element_ty, RNE), mask=mask2)
     else:
         c = _tanh(acc)
-        r = tl.load(r_ptr + g[:, None] * sr_g + m[:, None] * sr_m + ro[None, :] * sr_c, mask=mask2,
-                    other=0.0).to(ACC)
-        h = tl.load(h_ptr + g[:, None] * sh_g + m[:, None] * sh_m + ro[None, :] * sh_c, mask=mask2,
-                    other=0.0).to(ACC)
+        r = tl.load(r_ptr + p * sr_p + B2 * sr_b + N2 * sr_n + ro[None, :] * sr_c, mask=mask2, other=0.0).to(ACC)
+        h = tl.load(h_ptr + p * sh_p + B2 * sh_b + N2 * sh_n + ro[None, :] * sh_c, mask=mask2, other=0.0).to(ACC)
         if EPI == 2:
-            tl.store(o1_ptr + g[:, None] * s1_g + m[:, None] * s1_m + ro[None, :] * s1_c,
+            tl.store(o1_ptr + p * s1_p + B2 * s1_b + N2 * s1_n + ro[None, :] * s1_c,
                      to_storage(r * h + (1.0 - r) * c, o1_ptr.dtype.element_ty, RNE), mask=mask2)
         else:
             # the update's backward from dh' (d): dpre, dr and the direct dh = dh' * r
-            dout = tl.load(d_ptr + g[:, None] * sd_g + m[:, None] * sd_m + ro[None, :] * sd_c, mask=mask2,
+            dout = tl.load(d_ptr + p * sd_p + B2 * sd_b + N2 * sd_n + ro[None, :] * sd_c, mask=mask2,
                            other=0.0).to(ACC)
-            tl.store(o1_ptr + g[:, None] * s1_g + m[:, None] * s1_m + ro[None, :] * s1_c,
-                     to_storage(dout * (1.0 - r) * (1.0 - c * c), o1_ptr.dtype.element_ty, RNE), mask=mask2)
-            tl.store(o2_ptr + g[:, None] * s2_g + m[:, None] * s2_m + ro[None, :] * s2_c,
+            dpre = dout * (1.0 - r) * (1.0 - c * c)
+            tl.store(o1_ptr + p * s1_p + B2 * s1_b + N2 * s1_n + ro[None, :] * s1_c,
+                     to_storage(dpre, o1_ptr.dtype.element_ty, RNE), mask=mask2)
+            if ACC_B:
+                ob = ob_ptr + B2 * sob_b + N2 * sob_n + ro[None, :] * sob_o
+                dpre = to_storage(dpre, o1_ptr.dtype.element_ty, RNE).to(ACC)  # what was stored
+                tl.store(ob, to_storage(dpre + tl.load(ob, mask=mask2, other=0.0).to(ACC), ob_ptr.dtype.element_ty,
+                                        RNE), mask=mask2)
+            tl.store(o2_ptr + p * s2_p + B2 * s2_b + N2 * s2_n + ro[None, :] * s2_c,
                      to_storage(dout * (h - c), o2_ptr.dtype.element_ty, RNE), mask=mask2)
-            tl.store(o3_ptr + g[:, None] * s3_g + m[:, None] * s3_m + ro[None, :] * s3_c,
+            tl.store(o3_ptr + p * s3_p + B2 * s3_b + N2 * s3_n + ro[None, :] * s3_c,
                      to_storage(dout * r, o3_ptr.dtype.element_ty, RNE), mask=mask2)
 
 
 @triton.jit
 def _cell_dx_kernel(
     dy_ptr, x_ptr, t0_ptr, t_ptr, wx_ptr, wh_ptr, q_ptr, dx_ptr, d0_ptr, dt_ptr, dq_ptr,
-    G, M, C0, H, O, D,
-    sdy_g, sdy_m, sdy_o, sx_g, sx_m, sx_c, s0_g, s0_m, s0_c, st_k, st_g, st_m, st_c,
-    swx_w, swx_i, swx_o, swh_w, swh_i, swh_o, sq_g, sq_m, sq_d,
-    sdx_g, sdx_m, sdx_c, sd0_g, sd0_m, sd0_c, sdt_k, sdt_g, sdt_m, sdt_c, sdq_g, sdq_m, sdq_d,
-    K: tl.constexpr, FORM: tl.constexpr, NEED_X: tl.constexpr, ADD_X: tl.constexpr, ADD_0: tl.constexpr,
-    NEED_Q: tl.constexpr, ADD_Q: tl.constexpr,
+    G0, M0, M1, N, C0, H, O, D,
+    sdy_p, sdy_b, sdy_n, sdy_o, sx_p, sx_b, sx_n, sx_c, s0_p, s0_b, s0_n, s0_c, st_k, st_p, st_b, st_n, st_c,
+    swx_w, swx_i, swx_o, swh_w, swh_i, swh_o, sq_b, sq_n, sq_d,
+    sdx_p, sdx_b, sdx_n, sdx_c, sd0_p, sd0_b, sd0_n, sd0_c, sdt_k, sdt_p, sdt_b, sdt_n, sdt_c, sdq_b, sdq_n, sdq_d,
+    K: tl.constexpr, FORM: tl.constexpr, BY0: tl.constexpr, BY1: tl.constexpr, NEED_X: tl.constexpr,
+    ADD_X: tl.constexpr, ADD_0: tl.constexpr, NEED_Q: tl.constexpr, ADD_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
     """dX_j = dY @ W_jᵀ for the K+1 inputs of a tile of rows (zx -> dx, Z_0 -> d0, Z_k -> dt[k-1])
     and, for pooled weights, dq[r, d] = sum_j <X_j[r], (dY @ P_{j,d}ᵀ)[r]>."""
     pid_r = tl.program_id(0)
-    g, m, r_mask = _row_offsets(pid_r, G, M, BLOCK_M, FORM == 1)
-    if FORM == 0:
-        gw = tl.max(g, axis=0)
+    p, b, n, r_mask, w_idx = _rows(pid_r, G0, M0, M1, N, BY0, BY1, BLOCK_M, FORM == 1)
     rc = tl.arange(0, BLOCK_C)
     ro = tl.arange(0, BLOCK_O)
     rd = tl.arange(0, BLOCK_D)
-    dy_rows = dy_ptr + g * sdy_g + m * sdy_m
+    dy_rows = dy_ptr + p * sdy_p + b * sdy_b + n * sdy_n
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for j in tl.static_range(0 if NEED_X else 1, K + 1):
         if j == 0:
             width = C0
             w_base, sw_w, sw_i, sw_o, i0 = wx_ptr, swx_w, swx_i, swx_o, 0
-            in_rows = x_ptr + g * sx_g + m * sx_m
+            in_rows = x_ptr + p * sx_p + b * sx_b + n * sx_n
             s_in = sx_c
-            out_rows = dx_ptr + g * sdx_g + m * sdx_m
+            out_rows = dx_ptr + p * sdx_p + b * sdx_b + n * sdx_n
             s_out = sdx_c
             add = ADD_X
         else:
             width = H
             w_base, sw_w, sw_i, sw_o, i0 = wh_ptr, swh_w, swh_i, swh_o, (j - 1) * H
             if j == 1:
-                in_rows = t0_ptr + g * s0_g + m * s0_m
+                in_rows = t0_ptr + p * s0_p + b * s0_b + n * s0_n
                 s_in = s0_c
-                out_rows = d0_ptr + g * sd0_g + m * sd0_m
+                out_rows = d0_ptr + p * sd0_p + b * sd0_b + n * sd0_n
                 s_out = sd0_c
                 add = ADD_0
             else:
-                in_rows = t_ptr + (j - 2) * st_k + g * st_g + m * st_m
+                in_rows = t_ptr + (j - 2) * st_k + p * st_p + b * st_b + n * st_n
                 s_in = st_c
-                out_rows = dt_ptr + (j - 2) * sdt_k + g * sdt_g + m * sdt_m
+                out_rows = dt_ptr + (j - 2) * sdt_k + p * sdt_p + b * sdt_b + n * sdt_n
                 s_out = sdt_c
                 add = False
         for c0 in range(0, width, BLOCK_C):
@@ -244,12 +264,12 @@ def _cell_dx_kernel(
                     w_t = w_base + oo[:, None] * sw_o + (i0 + cc)[None, :] * sw_i
                     wmask = o_mask[:, None] & c_mask[None, :]
                     if FORM == 0:
-                        w = tl.load(w_t + gw * sw_w, mask=wmask, other=0.0)
+                        w = tl.load(w_t + w_idx * sw_w, mask=wmask, other=0.0)
                     else:
                         w = tl.load(w_t + d * sw_w, mask=wmask, other=0.0)
                     t = tl.dot(dy.to(DOT), w.to(DOT), t, input_precision=PRECISION)
                 if FORM == 1:
-                    qd = tl.load(q_ptr + g * sq_g + m * sq_m + d * sq_d, mask=r_mask, other=0.0).to(ACC)
+                    qd = tl.load(q_ptr + b * sq_b + n * sq_n + d * sq_d, mask=r_mask, other=0.0).to(ACC)
                     dx += qd[:, None] * t
                     if NEED_Q:
                         dq += tl.where(rd[None, :] == d, tl.sum(t * xin, axis=1)[:, None], 0.0)
@@ -260,7 +280,7 @@ def _cell_dx_kernel(
                 dx += tl.load(out, mask=mask_c, other=0.0).to(ACC)
             tl.store(out, to_storage(dx, dx_ptr.dtype.element_ty, RNE), mask=mask_c)
     if FORM == 1 and NEED_Q:
-        qout = dq_ptr + g[:, None] * sdq_g + m[:, None] * sdq_m + rd[None, :] * sdq_d
+        qout = dq_ptr + b[:, None] * sdq_b + n[:, None] * sdq_n + rd[None, :] * sdq_d
         qmask = r_mask[:, None] & (rd[None, :] < D)
         if ADD_Q:
             dq += tl.load(qout, mask=qmask, other=0.0).to(ACC)
@@ -270,18 +290,21 @@ def _cell_dx_kernel(
 @triton.jit
 def _cell_dw_kernel(
     dy_ptr, x_ptr, t0_ptr, t_ptr, q_ptr, px_ptr, ph_ptr, pb_ptr,
-    G, M, C0, H, O, D, K, rows_per_split,
-    sdy_g, sdy_m, sdy_o, sx_g, sx_m, sx_c, s0_g, s0_m, s0_c, st_k, st_g, st_m, st_c, sq_g, sq_m, sq_d,
-    FORM: tl.constexpr, NEED_B: tl.constexpr, ADD: tl.constexpr,
+    G0, M0, M1, N, C0, H, O, D, K, n_split,
+    sdy_p, sdy_b, sdy_n, sdy_o, sx_p, sx_b, sx_n, sx_c, s0_p, s0_b, s0_n, s0_c, st_k, st_p, st_b, st_n, st_c,
+    sq_b, sq_n, sq_d,
+    FORM: tl.constexpr, BY0: tl.constexpr, BY1: tl.constexpr, NEED_B: tl.constexpr, ADD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, RNE: tl.constexpr,
 ):
-    """Partial weight gradients over one split of a group's members (GROUPED; w index = the
-    group) or of all rows (POOLED; w index = d), fp32, for the stacked input rows i (zx's C0,
-    then the K terms' H each): zx's rows into px[split, w, i, o], the terms' into
-    ph[split, w, i - C0, o]. With NEED_B the programs of the first input tile also write the
-    bias partial pb[split, group, o] = sum of dY over the rows. ADD adds into the partials
-    (a sequence's steps, each program owning its cells: no atomics)."""
+    """Partial weight gradients over one split of a weight's rows -- a group's members
+    (GROUPED: w = the group, counted over the parts as in :func:`_rows`) or all rows (POOLED:
+    w = d) -- fp32, for the stacked input rows i (zx's C0, then the K terms' H each): zx's rows
+    into px[split, w, i, o], the terms' into ph[split, w, i - C0, o]. With NEED_B the programs
+    of the first input tile also write the bias partial pb[split, w, o] = sum of dY over the
+    rows. ADD adds into the partials (a sequence's steps, each program owning its cells: no
+    atomics). A split owns ceil(rows / n_split) rows rounded up to BLOCK_R (possibly none:
+    it then writes zeros)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     wsel = tl.program_id(2)
@@ -297,36 +320,46 @@ def _cell_dw_kernel(
     j = tl.where(ii < C0, 0, (ii - C0) // H + 1)
     col = tl.where(ii < C0, ii, (ii - C0) % H)
     if FORM == 0:
-        total = M
+        part = (wsel >= G0).to(tl.int32)
+        g = wsel - part * G0
+        total = M0 + part * (M1 - M0)
+        by = BY0 + part * (BY1 - BY0)
     else:
-        total = G * M
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, total)
+        part = 0
+        g = 0
+        total = G0 * M0
+        by = 0
+    per_split = tl.cdiv(tl.cdiv(total, n_split), BLOCK_R) * BLOCK_R
+    start = split * per_split
+    end = tl.minimum(start + per_split, total)
     acc = tl.zeros((BLOCK_I, BLOCK_O), dtype=ACC)
     bacc = tl.zeros((BLOCK_O,), dtype=ACC)
     for r0 in range(start, end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < end
         if FORM == 0:
-            g = wsel + tl.zeros((BLOCK_R,), dtype=tl.int32)
-            m = rr
+            gv = g + tl.zeros((BLOCK_R,), dtype=tl.int32)
+            b = tl.where(by == 1, rr, gv)
+            n = tl.where(by == 1, gv, rr)
         else:
-            g = rr // M
-            m = rr % M
-        dy = tl.load(dy_ptr + g[:, None] * sdy_g + m[:, None] * sdy_m + oo[None, :] * sdy_o,
+            b = rr // N
+            n = rr % N
+        dy = tl.load(dy_ptr + part * sdy_p + b[:, None] * sdy_b + n[:, None] * sdy_n + oo[None, :] * sdy_o,
                      mask=r_mask[:, None] & o_mask[None, :], other=0.0)
         # the (rows, I-tile) block of the stacked inputs, gathered from zx and the terms
         jj = j[None, :]
         cc = col[None, :]
-        base = tl.where(jj == 0, g[:, None] * sx_g + m[:, None] * sx_m + cc * sx_c,
-                        tl.where(jj == 1, g[:, None] * s0_g + m[:, None] * s0_m + cc * s0_c,
-                                 (jj - 2) * st_k + g[:, None] * st_g + m[:, None] * st_m + cc * st_c))
+        B2 = b[:, None]
+        N2 = n[:, None]
+        base = tl.where(jj == 0, part * sx_p + B2 * sx_b + N2 * sx_n + cc * sx_c,
+                        tl.where(jj == 1, part * s0_p + B2 * s0_b + N2 * s0_n + cc * s0_c,
+                                 (jj - 2) * st_k + part * st_p + B2 * st_b + N2 * st_n + cc * st_c))
         lmask = r_mask[:, None] & i_mask[None, :]
         xa = tl.load(x_ptr + base, mask=lmask & (jj == 0), other=0.0)
         xa += tl.load(t0_ptr + base, mask=lmask & (jj == 1), other=0.0)
         xa += tl.load(t_ptr + base, mask=lmask & (jj >= 2), other=0.0)
         if FORM == 1:
-            qd = tl.load(q_ptr + g * sq_g + m * sq_m + wsel * sq_d, mask=r_mask, other=0.0).to(ACC)
+            qd = tl.load(q_ptr + b * sq_b + n * sq_n + wsel * sq_d, mask=r_mask, other=0.0).to(ACC)
             xa = to_storage(xa.to(ACC) * qd[:, None], dy.dtype, RNE)
         acc = tl.dot(tl.trans(xa).to(DOT), dy.to(DOT), acc, input_precision=PRECISION)
         if NEED_B:
@@ -352,11 +385,14 @@ def _cell_dw_kernel(
 
 @triton.jit
 def _cell_gate_bwd_kernel(
-    pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, G, M, H,
+    pre_ptr, h_ptr, dzh_ptr, dr_ptr, dpre_ptr, dh_ptr, ob_ptr, G, M, H,
     sp_g, sp_m, sp_c, sh_g, sh_m, sh_c, sz_g, sz_m, sz_c, sr_g, sr_m, sr_c, sdp_g, sdp_m, sdp_c, sdh_g, sdh_m, sdh_c,
-    ADD_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
+    sob_g, sob_m, sob_c,
+    ADD_H: tl.constexpr, ACC_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    RNE: tl.constexpr,
 ):
-    """dpre = [dzh * h, dr] * sigmoid'(pre) and dh (+)= dzh * z, z = sigmoid(pre[:, :H])."""
+    """dpre = [dzh * h, dr] * sigmoid'(pre) and dh (+)= dzh * z, z = sigmoid(pre[:, :H]); with
+    ACC_B dpre is also added into ob (a sequence's running per-row bias gradient)."""
     pid = tl.program_id(0)
     n_h = tl.cdiv(H, BLOCK_H)
     pid_h = pid % n_h
@@ -377,10 +413,16 @@ def _cell_gate_bwd_kernel(
     z = _sigmoid(pz)
     r = _sigmoid(pr)
     dty = dpre_ptr.dtype.element_ty
-    tl.store(dpre_ptr + G2 * sdp_g + M2 * sdp_m + C2 * sdp_c, to_storage(dzh * h * z * (1.0 - z), dty, RNE),
-             mask=mask)
-    tl.store(dpre_ptr + G2 * sdp_g + M2 * sdp_m + (C2 + H) * sdp_c, to_storage(dr * r * (1.0 - r), dty, RNE),
-             mask=mask)
+    dpz = to_storage(dzh * h * z * (1.0 - z), dty, RNE)
+    dpr = to_storage(dr * r * (1.0 - r), dty, RNE)
+    tl.store(dpre_ptr + G2 * sdp_g + M2 * sdp_m + C2 * sdp_c, dpz, mask=mask)
+    tl.store(dpre_ptr + G2 * sdp_g + M2 * sdp_m + (C2 + H) * sdp_c, dpr, mask=mask)
+    if ACC_B:
+        oty = ob_ptr.dtype.element_ty
+        obz = ob_ptr + G2 * sob_g + M2 * sob_m + C2 * sob_c
+        obr = ob_ptr + G2 * sob_g + M2 * sob_m + (C2 + H) * sob_c
+        tl.store(obz, to_storage(dpz.to(ACC) + tl.load(obz, mask=mask, other=0.0).to(ACC), oty, RNE), mask=mask)
+        tl.store(obr, to_storage(dpr.to(ACC) + tl.load(obr, mask=mask, other=0.0).to(ACC), oty, RNE), mask=mask)
     dh = dzh * z
     out = dh_ptr + G2 * sdh_g + M2 * sdh_m + C2 * sdh_c
     if ADD_H:
@@ -423,29 +465,66 @@ def _graph_grad_kernel(
 # --------------------------------------------------------------------------- launchers
 
 class Rows:
-    """How a linear map's rows are laid out: ``form`` GROUPED or POOLED and, for GROUPED,
-    whether the groups are the nodes ("S": dim 1 of a (B, N, C) tensor) or the samples ("T",
-    and a shared weight: dim 0). ``strides(t)`` gives a (B, N, C) tensor's (g, m, c) strides."""
+    """How a linear map's rows are laid out and which weight each uses. ``form`` GROUPED: one
+    weight per group of rows, the groups being the nodes ("S": a node's B samples are its
+    members) or the samples ("T", and a shared weight over a (1, B*N) view); ``by_node`` holds
+    that choice per part: one part, or two for a pair of maps run as one launch (two cells
+    advanced together: part 1's weights follow part 0's in one (G0 + G1, I, O) tensor). POOLED:
+    every row its own mix of the pool (one part). Activations are (B, N, C), or (P, B, N, C)
+    for a pair; :meth:`strides` gives their (part, b, n, c) strides."""
 
-    def __init__(self, form: int, by_node: bool, B: int, N: int):
-        self.form, self.by_node = form, by_node
-        self.G, self.M = (N, B) if by_node else (B, N)
+    def __init__(self, form: int, B: int, N: int, by_node: Sequence[bool] = (False,)):
+        self.form, self.B, self.N = form, B, N
+        self.by_node = tuple(bool(v) for v in by_node)
+        gm = [(N, B) if bn else (B, N) for bn in self.by_node]
+        self.G0, self.M0 = gm[0]
+        self.G1, self.M1 = gm[1] if len(gm) > 1 else (0, 0)
+        self.groups = self.G0 + self.G1
 
-    def strides(self, t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    @property
+    def per_row(self) -> bool:
+        return self.form == POOLED
+
+    def block_m(self, cap: int) -> int:
+        if self.per_row:
+            return pow2_block(self.B * self.N, cap)
+        return pow2_block(min(m for m in (self.M0, self.M1) if m) if self.M0 else 1, cap)
+
+    def programs(self, block_m: int) -> int:
+        if self.per_row:
+            return triton.cdiv(self.B * self.N, block_m)
+        return self.G0 * triton.cdiv(self.M0, block_m) + self.G1 * triton.cdiv(self.M1, block_m)
+
+    def geometry(self) -> Tuple[int, int, int, int]:
+        return (self.B, self.N, 0, self.N) if self.per_row else (self.G0, self.M0, self.M1, self.N)
+
+    def consts(self) -> dict:
+        return dict(FORM=self.form, BY0=int(self.by_node[0]), BY1=int(self.by_node[-1]))
+
+    @staticmethod
+    def strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
         if t is None:
-            return 0, 0, 0
-        s0, s1, s2 = t.stride()
-        return (s1, s0, s2) if self.by_node else (s0, s1, s2)
+            return 0, 0, 0, 0
+        return tuple(t.stride()) if t.dim() == 4 else (0, *t.stride())
 
-    def vector(self, t: Optional[torch.Tensor], per_group: bool) -> Tuple[int, int, int]:
-        """(g, m, o) strides of a bias-like tensor: (O,) shared, (G, O) per group, (B, N, O) per row."""
-        if t is None:
-            return 0, 0, 0
-        if t.dim() == 1:
-            return 0, 0, t.stride(0)
-        if t.dim() == 2:
-            return (t.stride(0), 0, t.stride(1)) if per_group else (0, t.stride(0), t.stride(1))
-        return self.strides(t)
+
+def _bias_strides(t: Optional[torch.Tensor], per_group: bool) -> Tuple[int, int, int, int]:
+    """(w, b, n, o) strides of a bias: (O,) shared, (W, O) per weight (``per_group``) or (N, O)
+    per node, (B, N, O) per row."""
+    if t is None:
+        return 0, 0, 0, 0
+    if t.dim() == 1:
+        return 0, 0, 0, t.stride(0)
+    if t.dim() == 2:
+        return (t.stride(0), 0, 0, t.stride(1)) if per_group else (0, 0, t.stride(0), t.stride(1))
+    return (0, *t.stride())
+
+
+def _query_strides(q: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    """(b, n, d) strides of a query (B, N, D), or (N, D) broadcast over the batch."""
+    if q is None:
+        return 0, 0, 0
+    return (0, *q.stride()) if q.dim() == 2 else tuple(q.stride())
 
 
 def _precision(t: torch.Tensor) -> dict:
@@ -453,14 +532,14 @@ def _precision(t: torch.Tensor) -> dict:
                 RNE=round_in_interpreter(t.dtype))
 
 
-def _term_args(terms: Sequence[torch.Tensor], rows: Rows):
-    """(t0, the stacked terms 1.. (a (K-1, B, N, H) tensor, or t0 again), their strides)."""
+def _term_args(terms: Sequence[torch.Tensor]):
+    """(t0, the stacked terms 1.. (a (K-1, [P,] B, N, H) tensor, or t0 again), their strides)."""
     t0 = terms[0]
     rest = terms[1] if len(terms) > 1 else None
-    if rest is not None and rest.dim() == 3:
+    if rest is not None and rest.dim() == t0.dim():
         rest = rest.unsqueeze(0)
-    st = (rest.stride(0), *rows.strides(rest[0])) if rest is not None else (0, 0, 0, 0)
-    return t0, (rest if rest is not None else t0), rows.strides(t0), st
+    st = (rest.stride(0), *Rows.strides(rest[0])) if rest is not None else (0, 0, 0, 0, 0)
+    return t0, (rest if rest is not None else t0), Rows.strides(t0), st
 
 
 def _weight_strides(w: torch.Tensor) -> Tuple[int, int, int]:
@@ -474,40 +553,39 @@ def cell_linear(rows: Rows, x: Optional[torch.Tensor], terms: Sequence[torch.Ten
                 wh: torch.Tensor, bias: torch.Tensor, query: Optional[torch.Tensor], K: int, epi: int, *,
                 h: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None,
                 dout: Optional[torch.Tensor] = None, outs: Sequence[torch.Tensor] = (),
-                save_pre: Optional[torch.Tensor] = None, bias_per_group: bool = True) -> None:
-    """``pre = x @ wx + sum_k Z_k @ wh[k*H:(k+1)*H] + bias`` (B, N, O) with the epilogue
+                save_pre: Optional[torch.Tensor] = None, bias_per_group: bool = True,
+                bias_acc: Optional[torch.Tensor] = None) -> None:
+    """``pre = x @ wx + sum_k Z_k @ wh[k*H:(k+1)*H] + bias`` ([P,] B, N, O) with the epilogue
     ``epi`` writing ``outs``: EPI_NONE (pre,); EPI_GATE (z * h, r), and ``pre`` into
     ``save_pre`` when given; EPI_UPDATE (h',); EPI_UPDATE_BWD (dpre, dr, dh) from ``dout``.
-    ``terms``: [Z_0, the stacked Z_1.. (K-1, B, N, H)]; K >= 2; ``x`` None skips zx."""
+    ``terms``: [Z_0, the stacked Z_1.. (K-1, [P,] B, N, H)]; ``x`` None skips zx. ``bias_acc``
+    (EPI_UPDATE_BWD, a per-row (B, N, O) bias): dpre is also added into it."""
     t0 = terms[0]
-    B, N, H = t0.shape
+    H = t0.shape[-1]
     O = wh.shape[-1]
     C0 = x.shape[-1] if x is not None else 0
-    D = query.shape[-1] if query is not None and rows.form == POOLED else 1
-    if B * N == 0 or O == 0:
+    D = query.shape[-1] if query is not None and rows.per_row else 1
+    if rows.B * rows.N == 0 or O == 0:
         return
-    t0, rest, s0, st = _term_args(terms, rows)
-    per_row = rows.form == POOLED
-    block_m = pow2_block(B * N if per_row else rows.M, 64)
+    t0, rest, s0, st = _term_args(terms)
+    block_m = rows.block_m(64)
     block_o = pow2_block(O, 64)
     block_k = pow2_block(max(C0, H), 32)
-    n_rows = triton.cdiv(rows.G * rows.M, block_m) if per_row else rows.G * triton.cdiv(rows.M, block_m)
     outs = list(outs) + ([save_pre] if save_pre is not None else [])
     outs = outs + [t0] * (3 - len(outs))
     xs = x if x is not None else t0
-    qs = (0, 0, 0) if query is None else (rows.strides(query) if query.dim() == 3 else
-                                          ((0, query.stride(0), query.stride(1)) if not rows.by_node else
-                                           (query.stride(0), 0, query.stride(1))))
-    _cell_fwd_kernel[(n_rows * triton.cdiv(O, block_o),)](
+    _cell_fwd_kernel[(rows.programs(block_m) * triton.cdiv(O, block_o),)](
         xs, t0, rest, wx, wh, bias, query if query is not None else t0, h if h is not None else t0,
         r if r is not None else t0, dout if dout is not None else t0, outs[0], outs[1], outs[2],
-        rows.G, rows.M, C0, H, O, D,
-        *rows.strides(x), *s0, *st, *_weight_strides(wx), *_weight_strides(wh),
-        *rows.vector(bias, bias_per_group), *qs,
-        *rows.strides(h), *rows.strides(r), *rows.strides(dout),
-        *rows.strides(outs[0]), *rows.strides(outs[1]), *rows.strides(outs[2]),
-        K=K, FORM=rows.form, EPI=epi, SAVE_PRE=save_pre is not None, HAS_X=x is not None, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, **_precision(t0),
-        num_warps=4 if block_m * block_o <= 64 * 64 else 8,
+        bias_acc if bias_acc is not None else t0, *rows.geometry(), C0, H, O, D,
+        *Rows.strides(x), *s0, *st, *_weight_strides(wx), *_weight_strides(wh),
+        *_bias_strides(bias, bias_per_group), *_query_strides(query),
+        *Rows.strides(h), *Rows.strides(r), *Rows.strides(dout),
+        *Rows.strides(outs[0]), *Rows.strides(outs[1]), *Rows.strides(outs[2]),
+        *(bias_acc.stride() if bias_acc is not None else (0, 0, 0)),
+        K=K, **rows.consts(), EPI=epi, SAVE_PRE=save_pre is not None, HAS_X=x is not None,
+        ACC_B=bias_acc is not None, BLOCK_M=block_m,
+        BLOCK_K=block_k, BLOCK_O=block_o, **_precision(t0), num_warps=4 if block_m * block_o < 64 * 64 else 8,
     )
 
 
@@ -517,37 +595,30 @@ def cell_linear_dx(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], term
                    dq: Optional[torch.Tensor], add_x: bool = False, add_0: bool = False,
                    add_q: bool = False) -> None:
     """dX_j = dY @ W_jᵀ into ``dx`` (zx's; skipped when None), ``d0`` (Z_0's) and ``dt``
-    (the stacked Z_1..'s, (K-1, B, N, H)); with a query, its gradient into ``dq`` (when not
-    None). ``add_*``: add into the buffer instead of writing it."""
-    B, N, H = terms[0].shape
+    (the stacked Z_1..'s, (K-1, [P,] B, N, H)); with a query, its gradient into ``dq`` (when
+    not None). ``add_*``: add into the buffer instead of writing it."""
+    H = terms[0].shape[-1]
     O = dy.shape[-1]
     C0 = x.shape[-1] if x is not None else 0
-    D = query.shape[-1] if query is not None and rows.form == POOLED else 1
-    if B * N == 0:
+    D = query.shape[-1] if query is not None and rows.per_row else 1
+    if rows.B * rows.N == 0:
         return
-    t0, rest, s0, st = _term_args(terms, rows)
-    per_row = rows.form == POOLED
-    block_m = pow2_block(B * N if per_row else rows.M, 32)
+    t0, rest, s0, st = _term_args(terms)
+    block_m = rows.block_m(32)
     block_c = pow2_block(max(C0, H), 32)
     block_o = pow2_block(O, 64)
-    n_rows = triton.cdiv(rows.G * rows.M, block_m) if per_row else rows.G * triton.cdiv(rows.M, block_m)
     dt_ = dt if dt is not None else d0.unsqueeze(0)
-    qs = (0, 0, 0) if query is None else (rows.strides(query) if query.dim() == 3 else
-                                          ((0, query.stride(0), query.stride(1)) if not rows.by_node else
-                                           (query.stride(0), 0, query.stride(1))))
-    dqs = (0, 0, 0) if dq is None else (rows.strides(dq) if dq.dim() == 3 else
-                                        ((0, dq.stride(0), dq.stride(1)) if not rows.by_node else
-                                         (dq.stride(0), 0, dq.stride(1))))
-    _cell_dx_kernel[(n_rows,)](
+    _cell_dx_kernel[(rows.programs(block_m),)](
         dy, x if x is not None else t0, t0, rest, wx, wh, query if query is not None else t0,
         dx if dx is not None else d0, d0, dt_, dq if dq is not None else d0,
-        rows.G, rows.M, C0, H, O, D,
-        *rows.strides(dy), *rows.strides(x), *s0, *st, *_weight_strides(wx), *_weight_strides(wh), *qs,
-        *rows.strides(dx), *rows.strides(d0), dt_.stride(0), *rows.strides(dt_[0]), *dqs,
-        K=K, FORM=rows.form, NEED_X=dx is not None and x is not None, ADD_X=add_x, ADD_0=add_0,
-        NEED_Q=dq is not None and rows.form == POOLED, ADD_Q=add_q,
+        *rows.geometry(), C0, H, O, D,
+        *Rows.strides(dy), *Rows.strides(x), *s0, *st, *_weight_strides(wx), *_weight_strides(wh),
+        *_query_strides(query),
+        *Rows.strides(dx), *Rows.strides(d0), dt_.stride(0), *Rows.strides(dt_[0]), *_query_strides(dq),
+        K=K, **rows.consts(), NEED_X=dx is not None and x is not None, ADD_X=add_x, ADD_0=add_0,
+        NEED_Q=dq is not None and rows.per_row, ADD_Q=add_q,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, BLOCK_D=whole_block(D, 1), **_precision(dy),
-        num_warps=4,
+        num_warps=8 if rows.per_row else 4,
     )
 
 
@@ -580,8 +651,9 @@ class Partials(NamedTuple):
 
 
 def _dw_tiling(rows: Rows, C0: int, KH: int, O: int):
-    total = rows.G * rows.M if rows.form == POOLED else rows.M
-    return total, pow2_block(total, 64), pow2_block(C0 + KH, 64), pow2_block(O, 64)
+    """(the most rows one weight sums, BLOCK_R, BLOCK_I, BLOCK_O)."""
+    total = rows.B * rows.N if rows.per_row else max(rows.M0, rows.M1)
+    return total, pow2_block(total, 32), pow2_block(C0 + KH, 64), pow2_block(O, 64)
 
 
 def dw_partials(rows: Rows, C0: int, KH: int, O: int, W: int, bias: bool, like: torch.Tensor) -> Partials:
@@ -590,56 +662,54 @@ def dw_partials(rows: Rows, C0: int, KH: int, O: int, W: int, bias: bool, like: 
     total, block_r, block_i, block_o = _dw_tiling(rows, C0, KH, O)
     tiles = triton.cdiv(C0 + KH, block_i) * triton.cdiv(O, block_o)
     n_split = _splits(total, tiles * W, block_r, like.device)
-    n_split = triton.cdiv(total, triton.cdiv(triton.cdiv(total, n_split), block_r) * block_r)
     new = functools.partial(torch.empty, device=like.device, dtype=acc_torch_dtype(like.dtype))
     return Partials(new(n_split, W, C0, O), new(n_split, W, KH, O),
-                    new(n_split, W, O) if bias and rows.form != POOLED else None)
+                    new(n_split, W, O) if bias and not rows.per_row else None)
 
 
 def cell_linear_dw(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], terms: Sequence[torch.Tensor],
                    query: Optional[torch.Tensor], K: int, part: Partials, *, add: bool = False) -> None:
     """The weight gradients ``dW_j = X_jᵀ dY`` over each weight's rows, as the split partial
-    sums ``part`` (:func:`dw_partials`; W: the groups, or the pool's D; the bias's, summed over
-    each group's rows, when ``part.b`` is given). ``add``: add into them (a sequence's steps;
-    ``K`` may then be 0 for its first step, which has no state terms). Each split's partial is
-    one program's: no atomics, deterministic."""
-    B, N, H = terms[0].shape
+    sums ``part`` (:func:`dw_partials`; W: the groups of every part, or the pool's D; the
+    bias's, summed over each group's rows, when ``part.b`` is given). ``add``: add into them
+    (a sequence's steps; ``K`` may then be 0 for its first step, which has no state terms).
+    Each split's partial is one program's: no atomics, deterministic."""
+    H = terms[0].shape[-1]
     O = dy.shape[-1]
     C0 = x.shape[-1] if x is not None else 0
-    if B * N == 0:
+    if rows.B * rows.N == 0:
         return
     W = part.x.shape[1]
-    t0, rest, s0, st = _term_args(terms, rows)
-    total, block_r, block_i, block_o = _dw_tiling(rows, C0, part.h.shape[2], O)
+    t0, rest, s0, st = _term_args(terms)
+    _, block_r, block_i, block_o = _dw_tiling(rows, C0, part.h.shape[2], O)
     tiles = triton.cdiv(C0 + K * H, block_i) * triton.cdiv(O, block_o)
-    per_split = triton.cdiv(triton.cdiv(total, part.splits), block_r) * block_r
-    assert triton.cdiv(total, per_split) == part.splits, "partials were made for another shape"
-    qs = (0, 0, 0) if query is None else (rows.strides(query) if query.dim() == 3 else
-                                          ((0, query.stride(0), query.stride(1)) if not rows.by_node else
-                                           (query.stride(0), 0, query.stride(1))))
     _cell_dw_kernel[(tiles, part.splits, W)](
         dy, x if x is not None else t0, t0, rest, query if query is not None else t0, part.x, part.h,
         part.b if part.b is not None else part.x,
-        rows.G, rows.M, C0, H, O, query.shape[-1] if query is not None else 1, K, per_split,
-        *rows.strides(dy), *rows.strides(x), *s0, *st, *qs,
-        FORM=rows.form, NEED_B=part.b is not None, ADD=add, BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_O=block_o,
-        **_precision(dy), num_warps=4,
+        *rows.geometry(), C0, H, O, query.shape[-1] if query is not None else 1, K, part.splits,
+        *Rows.strides(dy), *Rows.strides(x), *s0, *st, *_query_strides(query),
+        **rows.consts(), NEED_B=part.b is not None, ADD=add, BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_O=block_o,
+        **_precision(dy), num_warps=8 if block_i * block_o >= 64 * 64 else 4,
     )
 
 
 def cell_gate_backward(pre: torch.Tensor, h: torch.Tensor, dzh: torch.Tensor, dr: torch.Tensor,
-                       dpre: torch.Tensor, dh: torch.Tensor, add_h: bool) -> None:
-    """dpre = [dzh * h, dr] * sigmoid'(pre) (B, N, 2H); dh (+)= dzh * z (``add_h``: add)."""
-    B, N, H = h.shape
+                       dpre: torch.Tensor, dh: torch.Tensor, add_h: bool, bias_acc: Optional[torch.Tensor] = None) -> None:
+    """dpre = [dzh * h, dr] * sigmoid'(pre) (.., 2H); dh (+)= dzh * z (``add_h``: add), for
+    (B, N, H) or a pair's (P, B, N, H) tensors, each contiguous in its rows; dpre also added
+    into ``bias_acc`` (B, N, 2H) when given."""
+    H = h.shape[-1]
+    ob = bias_acc if bias_acc is not None else dpre
+    pre, h, dzh, dr, dpre, dh = (t.view(-1, t.shape[-2], t.shape[-1]) for t in (pre, h, dzh, dr, dpre, dh))
+    B, N, _ = h.shape
     if B * N * H == 0:
         return
-    rows = Rows(GROUPED, False, B, N)
     block_m, block_h = (16, 16) if interpreting() else (32, pow2_block(H, 64))
     grid = (triton.cdiv(B * N, block_m) * triton.cdiv(H, block_h),)
     _cell_gate_bwd_kernel[grid](
-        pre, h, dzh, dr, dpre, dh, B, N, H,
-        *rows.strides(pre), *rows.strides(h), *rows.strides(dzh), *rows.strides(dr), *rows.strides(dpre),
-        *rows.strides(dh), ADD_H=add_h, BLOCK_M=block_m, BLOCK_H=block_h, ACC=acc_dtype(h.dtype),
+        pre, h, dzh, dr, dpre, dh, ob.view(B, N, 2 * H), B, N, H,
+        *pre.stride(), *h.stride(), *dzh.stride(), *dr.stride(), *dpre.stride(),
+        *dh.stride(), *ob.view(B, N, 2 * H).stride(), ADD_H=add_h, ACC_B=bias_acc is not None, BLOCK_M=block_m, BLOCK_H=block_h, ACC=acc_dtype(h.dtype),
         RNE=round_in_interpreter(h.dtype), num_warps=4,
     )
 
@@ -654,7 +724,8 @@ def shared_graph_grad(dz: torch.Tensor, z: torch.Tensor, da: torch.Tensor, alpha
     grid = (triton.cdiv(N, block) * triton.cdiv(N, block),)
     _graph_grad_kernel[grid](
         dz, z, da, B, N, C, *dz.stride(), *z.stride(), *da.stride(),
-        ALPHA=float(alpha), BLOCK_N=block, BLOCK_M=block, BLOCK_C=block_c, **_precision(z), num_warps=4,
+        ALPHA=float(alpha), BLOCK_N=block, BLOCK_M=block, BLOCK_C=block_c, **_precision(z),
+        num_warps=8 if block * block >= 64 * 64 else 4,
     )
 
 
@@ -667,6 +738,12 @@ class FusedStep:
     product). ``weights``: (form, wgx, wgh, bg, wux, wuh, bu, aux) with the cell op's form
     names ("plain", "T", "S", "S-pooled", "ST"); ``graph``: A (N, N) or (B, N, N).
 
+    A pair (``form`` a tuple of two of "T" and "S", a shared graph): two cells advanced as one,
+    each kernel launched once for both (e.g. HimNet's two encoders). States and their
+    gradients are then (2, B, N, H); the input ``zx`` is (2, B, N, C) or one (B, N, C) both
+    cells read (its gradient is still (2, B, N, C), one per cell); the weights and biases are
+    the two cells' concatenated along their first dimension, part 0's first.
+
     Gradients go into fresh tensors, or with ``acc`` (a sequence's buffers: ``acc.get(key,
     like)`` returns the buffer of ``key``, zero-filled on first use) added in place (keys "g", "wgx", "wgh", "wux", "wuh", "bg",
     "bu", "aux_g", "aux_u")."""
@@ -678,16 +755,24 @@ class FusedStep:
         self._parts: dict = {}    # a sequence's weight-gradient partials, per map ("wgx", "wux")
         self._has_h: dict = {}    # whether a step with state terms added into them
         self.shared = graph.dim() == 2
-        self.Ab = graph.expand(B, N, N) if self.shared else graph     # a stride-0 batch: no copy
+        pair = isinstance(form, tuple)
+        self.lead = (2, B) if pair else (B,)
+        if pair and not self.shared:
+            raise ValueError("a pair of cells needs one shared graph (N, N)")
+        # a stride-0 batch over every sample (of both cells): no copy
+        self.Ab = graph.expand(2 * B if pair else B, N, N) if self.shared else graph
         self.flat = form == "plain"   # one shared weight: all rows are one group
-        if form in ("ST", "S-pooled"):
-            self.rows = Rows(POOLED, False, B, N)
+        if pair:
+            self.rows = Rows(GROUPED, B, N, tuple(f == "S" for f in form))
+            self.W = self.rows.groups
+        elif form in ("ST", "S-pooled"):
+            self.rows = Rows(POOLED, B, N)
             self.W = self.wgx.shape[0]
         elif self.flat:
-            self.rows = Rows(GROUPED, False, 1, B * N)
+            self.rows = Rows(GROUPED, 1, B * N)
             self.W = 1
         else:
-            self.rows = Rows(GROUPED, form == "S", B, N)
+            self.rows = Rows(GROUPED, B, N, (form == "S",))
             self.W = self.wgx.shape[0]
 
     # views of (B, N, C) tensors as the rows' layout: one group of all rows for a shared weight
@@ -703,23 +788,28 @@ class FusedStep:
     def _w(self, w):
         return w.unsqueeze(0) if self.flat else w
 
+    def _b(self, t):
+        """A ([2,] B, N, C) tensor as the batch of the graph products (the pair's samples as one)."""
+        return t.view(-1, self.N, t.shape[-1])
+
     def terms(self, v: torch.Tensor):
-        """[Z_0 = v, the stacked Z_1..Z_{K-1} (K-1, B, N, H)]: GEMMs into one buffer, the
+        """[Z_0 = v, the stacked Z_1..Z_{K-1} (K-1, [2,] B, N, H)]: GEMMs into one buffer, the
         recursion's ``2 A Z - Z`` as one ``baddbmm``."""
-        T = torch.empty(self.K - 1, self.B, self.N, self.H, device=v.device, dtype=v.dtype)
-        torch.bmm(self.Ab, v, out=T[0])
+        T = torch.empty(self.K - 1, *self.lead, self.N, self.H, device=v.device, dtype=v.dtype)
+        b = self._b
+        torch.bmm(self.Ab, b(v), out=b(T[0]))
         for k in range(2, self.K):
             prev2 = v if k == 2 else T[k - 3]
-            torch.baddbmm(prev2, self.Ab, T[k - 2], beta=-1, alpha=2, out=T[k - 1])
+            torch.baddbmm(b(prev2), self.Ab, b(T[k - 2]), beta=-1, alpha=2, out=b(T[k - 1]))
         return [v, T]
 
     def _linear(self, x, terms, wx, wh, b, K, epi, **kw):
         cell_linear(self.rows, self._v(x), self._terms_v(terms), self._w(wx), self._w(wh), b, self.q, K, epi,
                     **{k: self._v(v) if isinstance(v, torch.Tensor) else ([self._v(o) for o in v] if k == "outs" else v)
-                       for k, v in kw.items()}, bias_per_group=self.form in ("T", "S"))
+                       for k, v in kw.items()}, bias_per_group=self.form in ("T", "S") or self.rows.G1 > 0)
 
     def _new(self, ref, width=None):
-        return torch.empty(self.B, self.N, width or self.H, device=ref.device, dtype=ref.dtype)
+        return torch.empty(*self.lead, self.N, width or self.H, device=ref.device, dtype=ref.dtype)
 
     def forward(self, h: torch.Tensor, zx: torch.Tensor, rec: Optional[dict] = None) -> torch.Tensor:
         th = self.terms(h)
@@ -750,13 +840,16 @@ class FusedStep:
         pooled = self.rows.form == POOLED
         flat_terms = self._terms_v(terms)
         dT = torch.empty_like(terms[1]) if K >= 2 else None
-        dq = None
+        dq, add_q = None, False
         if pooled and need_q:
-            dq = torch.empty(self.B, self.N, self.q.shape[-1], device=dy.device, dtype=dy.dtype)
+            if acc is not None and self.form == "ST":  # per-row query: the kernel adds into the sum
+                dq, add_q = acc.get(kq, self.q), True
+            else:
+                dq = torch.empty(self.B, self.N, self.q.shape[-1], device=dy.device, dtype=dy.dtype)
         dt_rows = None if dT is None else (dT.reshape(dT.shape[0], 1, self.B * self.N, self.H) if self.flat else dT)
         cell_linear_dx(self.rows, self._v(dy), self._v(zx), flat_terms, self._w(wx), self._w(wh), self.q, K,
-                       dx=self._v(dzx), d0=self._v(d0), dt=dt_rows, dq=dq, add_x=add, add_0=add)
-        if dq is not None:
+                       dx=self._v(dzx), d0=self._v(d0), dt=dt_rows, dq=dq, add_x=add, add_0=add, add_q=add_q)
+        if dq is not None and not add_q:
             self._put(kq, dq if self.form == "ST" else dq.sum(0), acc, grads, self.q)
         grouped_bias = need_b and not pooled
         if need_wx or need_wh or grouped_bias:
@@ -807,13 +900,18 @@ class FusedStep:
             alpha = 2.0 if k >= 2 else 1.0
             if k >= 2:
                 (d0 if k == 2 else dT[k - 3]).sub_(dk)
-            (d0 if k == 1 else dT[k - 2]).baddbmm_(At, dk, alpha=alpha)
+            self._b(d0 if k == 1 else dT[k - 2]).baddbmm_(At, self._b(dk), alpha=alpha)
             if g_acc is not None:
                 zk = v if k == 1 else T[k - 2]
                 if self.shared:
-                    shared_graph_grad(dk, zk, g_acc, alpha)
+                    shared_graph_grad(self._b(dk), self._b(zk), g_acc, alpha)
                 else:
                     g_acc.baddbmm_(dk, zk.transpose(1, 2), alpha=alpha)
+
+    def _bias_acc(self, acc, key, need):
+        """A sequence's per-row ("ST") bias gradient, which the epilogues add into; else None."""
+        return acc.get(key, self.bg if key == "bg" else self.bu) if (acc is not None and need
+                                                                    and self.form == "ST") else None
 
     def backward(self, h, zx, dout, needs, acc=None, dzx_out=None) -> list:
         """The gradients of (h, zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u) (None where
@@ -823,22 +921,23 @@ class FusedStep:
         self.forward(h, zx, rec)
         grads: dict = {}
         dpre_u, dr, dh = self._new(h), self._new(h), self._new(h)
+        bu_acc, bg_acc = self._bias_acc(acc, "bu", n_bu), self._bias_acc(acc, "bg", n_bg)
         self._linear(zx, rec["tz"], self.wux, self.wuh, self.bu, self.K, EPI_UPDATE_BWD, h=h, r=rec["r"],
-                     dout=dout, outs=[dpre_u, dr, dh])
-        dzx = (dzx_out if dzx_out is not None else torch.empty_like(zx)) if n_zx else None
+                     dout=dout, outs=[dpre_u, dr, dh], bias_acc=bu_acc)
+        dzx = (dzx_out if dzx_out is not None else self._new(zx, zx.shape[-1])) if n_zx else None
         dzh = self._new(h)
         g_acc = None
         if n_g:
             g_acc = acc.get("g", self.A) if acc is not None else torch.zeros_like(self.A)
         dT = self._map_backward(dpre_u, zx, rec["tz"], self.wux, self.wuh, self.bu, self.K,
-                                ("wux", "wuh", "bu", "aux_u"), (n_wux, n_wuh, n_bu, n_au), acc, grads,
-                                dzx=dzx, d0=dzh, add=False)
+                                ("wux", "wuh", "bu", "aux_u"), (n_wux, n_wuh, n_bu and bu_acc is None, n_au), acc,
+                                grads, dzx=dzx, d0=dzh, add=False)
         self._terms_backward(dzh, dT, rec["tz"], g_acc)
         dpre_g = self._new(h, 2 * self.H)
-        cell_gate_backward(rec["pre_g"], h, dzh, dr, dpre_g, dh, add_h=True)
+        cell_gate_backward(rec["pre_g"], h, dzh, dr, dpre_g, dh, add_h=True, bias_acc=bg_acc)
         dT = self._map_backward(dpre_g, zx, rec["th"], self.wgx, self.wgh, self.bg, self.K,
-                                ("wgx", "wgh", "bg", "aux_g"), (n_wgx, n_wgh, n_bg, n_ag), acc, grads,
-                                dzx=dzx, d0=dh, add=True)
+                                ("wgx", "wgh", "bg", "aux_g"), (n_wgx, n_wgh, n_bg and bg_acc is None, n_ag), acc,
+                                grads, dzx=dzx, d0=dh, add=True)
         self._terms_backward(dh, dT, rec["th"], g_acc)
         graph_grad = g_acc if (n_g and acc is None) else None
         return [dh if n_h else None, dzx, graph_grad, grads.get("wgx"), grads.get("wgh"), grads.get("bg"),
@@ -853,12 +952,13 @@ class FusedStep:
         self._linear(zx, [zeros, None], self.wgx, self.wgh, self.bg, 0, EPI_GATE, h=zeros, outs=[zh, r],
                      save_pre=pre_g)
         dpre_u, dr, dh = self._new(zeros), self._new(zeros), self._new(zeros)
+        bu_acc, bg_acc = self._bias_acc(acc, "bu", n_bu), self._bias_acc(acc, "bg", n_bg)
         self._linear(zx, [zeros, None], self.wux, self.wuh, self.bu, 0, EPI_UPDATE_BWD, h=zeros, r=r, dout=dout,
-                     outs=[dpre_u, dr, dh])
+                     outs=[dpre_u, dr, dh], bias_acc=bu_acc)
         dzx = dzx if n_zx else None
         self._map_backward(dpre_u, zx, [zeros, None], self.wux, self.wuh, self.bu, 0, ("wux", "wuh", "bu", "aux_u"),
-                           (n_wux, False, n_bu, n_au), acc, {}, dzx=dzx, d0=dh, add=False)
+                           (n_wux, False, n_bu and bu_acc is None, n_au), acc, {}, dzx=dzx, d0=dh, add=False)
         dpre_g = self._new(zeros, 2 * self.H)
-        cell_gate_backward(pre_g, zeros, zeros, dr, dpre_g, dh, add_h=False)
+        cell_gate_backward(pre_g, zeros, zeros, dr, dpre_g, dh, add_h=False, bias_acc=bg_acc)
         self._map_backward(dpre_g, zx, [zeros, None], self.wgx, self.wgh, self.bg, 0, ("wgx", "wgh", "bg", "aux_g"),
-                           (n_wgx, False, n_bg, n_ag), acc, {}, dzx=dzx, d0=dh, add=True)
+                           (n_wgx, False, n_bg and bg_acc is None, n_ag), acc, {}, dzx=dzx, d0=dh, add=True)

@@ -10,7 +10,7 @@ models' cells (AGCRN, HyperST-GCGRU) compose the same functions with their own m
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,10 +21,11 @@ from .._checks import check_tensor
 from ..ops._common import cast, compute_dtype
 from ..ops.gcru_cell import CellWeights, cell_step, gcru_sequence
 from ..ops.gcru_decoder import gcru_decoder
+from ..ops.gcru_pair import gcru_sequence_pair
 from ..ops.graph import AdaptiveGraph
 from .gcn import GeneratedLinear, HimGCN, Support, as_graph
 
-__all__ = ["HimGCRU", "HimEncoder", "HimDecoder", "cell_weights", "run_step", "run_sequence"]
+__all__ = ["HimGCRU", "HimEncoder", "HimDecoder", "cell_weights", "run_step", "run_sequence", "encode_pair"]
 
 
 def cell_weights(gate: GeneratedLinear, update: GeneratedLinear, input_dim: int, cheb_k: int,
@@ -166,6 +167,32 @@ class HimEncoder(_Stack):
             current, state = cell.sequence(current, graph, embeddings)
             last.append(state)
         return current, last
+
+
+def encode_pair(enc_a: HimEncoder, enc_b: HimEncoder, x: Tensor, support: Support, emb_a: Tensor,
+                emb_b: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+    """The last state per layer of two encoders over the same input and graph (HimNet's "S"
+    and "T" encoders): each layer's two cells run as one op
+    (:func:`~himnet_fast.ops.gcru_pair.gcru_sequence_pair`: on the fused Triton step one
+    launch per kernel for both). Equal to ``enc_a(x, support, emb_a)[1], enc_b(x, support,
+    emb_b)[1]``."""
+    if len(enc_a.cells) != len(enc_b.cells):
+        raise ValueError(f"the encoders must have as many layers, got {len(enc_a.cells)} and {len(enc_b.cells)}")
+    for enc in (enc_a, enc_b):
+        check_tensor("x", x, 4)
+        if x.shape[-1] != enc.input_dim or x.shape[2] != enc.num_nodes:
+            raise ValueError(f"x must have shape (B, T, N={enc.num_nodes}, C={enc.input_dim}), got {tuple(x.shape)}")
+    graph = as_graph(support)
+    current, last_a, last_b = x, [], []
+    for ca, cb in zip(enc_a.cells, enc_b.cells):
+        wa, wb = ca.weights(emb_a, x), cb.weights(emb_b, x)
+        dtype = wa.wgh.dtype
+        (sa, la), (sb, lb) = gcru_sequence_pair(current, graph.cast(dtype), wa, wb, ca.cheb_k, ca.hidden_dim,
+                                                ca.backend, ca.recompute and cb.recompute)
+        last_a.append(la)
+        last_b.append(lb)
+        current = (sa, sb)
+    return last_a, last_b
 
 
 class HimDecoder(_Stack):

@@ -12,7 +12,7 @@ from .._checks import check_tensor
 from ..ops._common import custom_op
 from ..ops.graph import AdaptiveGraph
 from ..ops.partitioned_adaptive import check_partition_options
-from .gcru import HimDecoder, HimEncoder
+from .gcru import HimDecoder, HimEncoder, encode_pair
 
 
 def _check_4d(name: str, t, b: Optional[int], min_steps: int, n: int, c: int, what: str) -> None:
@@ -245,8 +245,8 @@ class HimNet(nn.Module):
                               partition=self.partition)
         # (h_s + h_t)[:, -1] of the original, from the encoders' last states directly: no
         # gradient then flows through the stacked (B, T, N, H) outputs.
-        _, last_s = self.encoder_s(x, graph, self.node_embedding)
-        _, last_t = self.encoder_t(x, graph, t_emb)
+        # Both encoders read x over the same graph: each layer's two cells run as one op.
+        last_s, last_t = encode_pair(self.encoder_s, self.encoder_t, x, graph, self.node_embedding, t_emb)
         h_last = last_s[-1] + last_t[-1]
 
         st_embedding = self.st_proj(h_last)

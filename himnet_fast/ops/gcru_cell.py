@@ -419,6 +419,52 @@ _gcru_cell.register_autograd(_backward, setup_context=_setup)
 
 # --------------------------------------------------------------------------- a whole sequence
 
+def run_states(step, zx: Tensor, zeros: Tensor) -> Tuple[Tensor, Tensor]:
+    """(The states of every step of ``step`` from the zero state ``zeros``, the last one as
+    its own tensor); zx time-major (T, ...)."""
+    states = [step.first_forward(zx[0], zeros)]
+    for t in range(1, zx.shape[0]):
+        release_cpu_heap(zx.device)  # before each step, as in backward (ops/_common.py: why)
+        states.append(step.forward(states[-1], zx[t]))
+    return torch.stack(states), states[-1]
+
+
+def run_states_backward(step, dstates: Optional[Tensor], dlast: Optional[Tensor], zx: Tensor, states: Tensor,
+                        needs, dzx: Optional[Tensor]) -> "_Acc":
+    """The steps of :func:`run_states` in reverse, each rerun from its saved input state, their
+    weight and graph gradients added into one buffer each (no per-step gradient tensors),
+    from the gradients of the states and of the last state (either None when unused: a caller
+    of the last state alone adds nothing per step). zx's gradient goes into ``dzx`` (T, ...)
+    when given; the rest are in the returned buffers after ``step.finish``. ``needs``: (zx, g,
+    wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)."""
+    n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+    acc = _Acc()
+    step_needs = [True, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au]
+    if dstates is None and dlast is None:
+        dlast = torch.zeros_like(states[0])
+    carry = dlast  # the gradient of the state after step t
+    for t in range(zx.shape[0] - 1, 0, -1):
+        release_cpu_heap(zx.device)
+        dh = _add(None if dstates is None else dstates[t], carry)
+        carry = step.backward(states[t - 1], zx[t], dh, step_needs, acc, None if dzx is None else dzx[t])[0]
+    # the first step: from the zero state, through its input rows and biases only
+    dh = _add(None if dstates is None else dstates[0], carry)
+    step.first_backward(zx[0], torch.zeros_like(states[0]), dh, (n_zx, n_wgx, n_bg, n_wux, n_bu, n_ag, n_au), acc,
+                        None if dzx is None else dzx[0])
+    step.finish(acc)
+    return acc
+
+
+def sequence_grads(acc: "_Acc", dzx: Optional[Tensor], inputs: Sequence[Optional[Tensor]], needs) -> list:
+    """The gradients of (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u) (``inputs``) from a
+    sequence's buffers: zero for one that no step produced (e.g. the state rows when T = 1)."""
+    buf = acc.buf
+    out = [dzx] + [buf.get(k) for k in ("g", "wgx", "wgh", "bg", "wux", "wuh", "bu", "aux_g", "aux_u")]
+    # (the pooled forms pass one query as both aux inputs: autograd adds the two gradients)
+    out = [t if n else None for t, n in zip(out, needs)]
+    return [torch.zeros_like(like) if (n and t is None) else t for t, n, like in zip(out, needs, inputs)]
+
+
 def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode, cheb_k, hidden, backend):
     """(States (T, B, N, H) of every step from a zero state, the last one as its own tensor),
     zx (T, B, N, K*C) time-major."""
@@ -426,52 +472,20 @@ def _sequence_forward(zx, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, f
         T, B, N, _ = zx.shape
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
         step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, hidden))
-        states = [step.first_forward(zx[0], zx.new_zeros(B, N, hidden))]
-        for t in range(1, T):
-            release_cpu_heap(zx.device)  # before each step, as in backward (ops/_common.py: why)
-            states.append(step.forward(states[-1], zx[t]))
-        return torch.stack(states), states[-1]
+        return run_states(step, zx, zx.new_zeros(B, N, hidden))
 
 
 def _sequence_backward(dstates, dlast, zx, states, g, layout, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u, form, mode,
                        cheb_k, backend, needs):
     """Gradients of the sequence op's 10 differentiable inputs (zx, g, wgx, wgh, bg, wux, wuh,
-    bu, aux_g, aux_u) from those of the states and of the last state (either None when unused:
-    a caller of the last state alone adds nothing per step): the steps in reverse, each rerun
-    from its saved input state, their weight and graph gradients added into one buffer each
-    (no per-step gradient tensors)."""
-    n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au = needs
+    bu, aux_g, aux_u) (:func:`run_states_backward`)."""
     T, B, N, _ = zx.shape
-    H = states.shape[-1]
     with no_autocast(zx.device):
         w = CellWeights(form, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)
-        step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, H))
-        acc = _Acc()
-        dzx = torch.empty_like(zx) if n_zx else None
-        step_needs = [True, n_zx, n_g, n_wgx, n_wgh, n_bg, n_wux, n_wuh, n_bu, n_ag, n_au]
-        if dstates is None and dlast is None:
-            dlast = zx.new_zeros(B, N, H)
-        carry = dlast  # the gradient of the state after step t
-        for t in range(T - 1, 0, -1):
-            release_cpu_heap(zx.device)
-            dh = _add(None if dstates is None else dstates[t], carry)
-            grads = step.backward(states[t - 1], zx[t], dh, step_needs, acc, None if dzx is None else dzx[t])
-            carry = grads[0]
-        # the first step: from the zero state, through its input rows and biases only
-        dh = _add(None if dstates is None else dstates[0], carry)
-        step.first_backward(zx[0], zx.new_zeros(B, N, H), dh, (n_zx, n_wgx, n_bg, n_wux, n_bu, n_ag, n_au), acc,
-                            None if dzx is None else dzx[0])
-        step.finish(acc)
-        buf = acc.buf
-        out = [dzx, buf.get("g"), buf.get("wgx"), buf.get("wgh"), buf.get("bg"), buf.get("wux"), buf.get("wuh"),
-               buf.get("bu")]
-        # (the pooled forms pass one query as both aux inputs: autograd adds the two gradients)
-        out += [buf.get("aux_g") if n_ag else None, buf.get("aux_u") if n_au else None]
-        for i, (t, n) in enumerate(zip(out, needs)):
-            if n and t is None:  # a gradient that no step produced: zero (e.g. T = 1 and the state rows)
-                like = (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u)[i]
-                out[i] = torch.zeros_like(like)
-        return out
+        step = _make_step(g, mode, layout, w, cheb_k, backend, (B, N, states.shape[-1]))
+        dzx = torch.empty_like(zx) if needs[0] else None
+        acc = run_states_backward(step, dstates, dlast, zx, states, needs, dzx)
+        return sequence_grads(acc, dzx, (zx, g, wgx, wgh, bg, wux, wuh, bu, aux_g, aux_u), needs)
 
 
 @custom_op("gcru_sequence")

@@ -281,7 +281,9 @@ class GraphProducts:
                        g_acc: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dx, dg) from the gradients ``dz`` of the K terms (the recursion in reverse:
         ``Z_k = 2 P_k - Z_{k-2}`` with ``P_k = A Z_{k-1}``, then ``Z_1 = A Z_0``). With ``g_acc``
-        the graph's gradient is added into it in place (dg is then None)."""
+        the graph's gradient is added into it in place (dg is then None). ``dz`` is consumed:
+        over a dense graph the products' input gradients are added into its tensors in place
+        (one GEMM each, no separate add)."""
         g = list(dz)
         dgraph = None
         for k in range(len(g) - 1, 0, -1):
@@ -289,7 +291,16 @@ class GraphProducts:
             dp = g[k] if k == 1 else 2 * g[k]
             if k >= 2:
                 g[k - 2] = g[k - 2] - g[k]
-            dv, dgk = self.backward(dp, v, s, need_x or k > 1, need_g, g_acc)
+            need_v = need_x or k > 1
+            if self.mode == "dense" and need_v:
+                At = self.g.transpose(-1, -2)
+                target = g[k - 1]
+                if target.dim() == 3:
+                    target.baddbmm_(At.expand(target.shape[0], *At.shape) if At.dim() == 2 else At, dp)
+                else:
+                    target.add_(torch.matmul(At, dp))
+                need_v = False
+            dv, dgk = self.backward(dp, v, s, need_v, need_g, g_acc)
             if dv is not None:
                 g[k - 1] = g[k - 1] + dv
             if dgk is not None:
