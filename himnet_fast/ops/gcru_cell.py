@@ -565,7 +565,7 @@ def cell_step(h: Tensor, zx: Tensor, graph: AdaptiveGraph, weights: CellWeights,
     """Unchecked :func:`gcru_cell` for the modules (they build the arguments): h (B, N, H),
     zx (B, N, K*C) -> (B, N, H). All tensors in one dtype (the modules cast once per sequence)."""
     tensors = (h, zx, graph.tensor) + weights.tensors()
-    if recompute and needs_grad(*tensors) and h.numel() > 0:
+    if (recompute or not needs_grad(*tensors)) and h.numel() > 0:
         layout = list(graph.layout) if graph.layout is not None else []
         return _gcru_cell(h, zx, graph.tensor, layout, *weights.tensors(), weights.form, graph.mode, cheb_k,
                           backend or "")
@@ -587,7 +587,7 @@ def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k
     terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), cheb_k)
     zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
     tensors = (zx, graph.tensor) + weights.tensors()
-    if recompute and needs_grad(*tensors) and zx.numel() > 0:
+    if (recompute or not needs_grad(*tensors)) and zx.numel() > 0:
         # One op for the whole sequence: its backward reruns each step and adds the steps'
         # weight and graph gradients into one buffer each.
         layout = list(graph.layout) if graph.layout is not None else []

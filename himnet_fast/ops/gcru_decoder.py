@@ -265,7 +265,7 @@ def gcru_decoder(h0: Tensor, y_cov: Tensor, labels: Optional[Tensor], teacher: O
     labels = None if labels is None else cast(labels[:, :T], dtype)
     flat, aux = _flat(weights)
     form = weights[0].form
-    if (recompute and needs_grad(h0, graph.tensor, proj_w, proj_b, *flat, *aux) and not needs_grad(y_cov, labels)
+    if ((recompute or not needs_grad(h0, graph.tensor, proj_w, proj_b, *flat, *aux)) and not needs_grad(y_cov, labels)
             and h0.numel() > 0):
         layout = list(graph.layout) if graph.layout is not None else []
         outs, _, _ = _gcru_decoder(h0, y_cov.transpose(0, 1).contiguous(),
