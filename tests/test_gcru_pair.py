@@ -1,7 +1,9 @@
 """ops.gcru_pair (two cells over one input and graph as one op: HimNet's encoders) against
 the two cells run on their own: states and every gradient, "S"/"T" in either order, a shared
-input (first layer) or two inputs (later layers), the torch backend and the fused Triton step
-(in the interpreter on CPU); opcheck and a float64 gradcheck of the op."""
+input (first layer) or two inputs (later layers). On backend "triton" (the interpreter on
+CPU) the front-end runs the op on the fused pair step; on torch it runs the two cells' own
+sequence ops (the op would save nothing there), and the op itself, whose torch path runs the
+two steps in turn, is held by opcheck and a float64 gradcheck."""
 import importlib
 
 import pytest
@@ -82,3 +84,19 @@ def test_pair_op_gradcheck():
     def f(zx, g, *w):
         return ops.gcru_sequence_pair.default(zx, g, layout, *w, "S", "T", split, "dense", K, H, "torch")
     assert torch.autograd.gradcheck(f, (zx, g, *joint), fast_mode=True)
+
+
+def test_the_fused_pair_runs_where_it_saves_launches():
+    """The front-end runs the op only where the fused pair step runs (shared dense graph,
+    backend "triton"); the op picks FusedStep there and the two cells' steps elsewhere."""
+    A = torch.softmax(torch.randn(5, 5), -1)
+    assert not pair_ops._fuses(A, "dense", "torch")
+    assert not pair_ops._fuses(torch.rand(2, 5, 5), "dense", "triton")
+    zx, g, layout, joint, split, K, H = _op_args(True)
+    step = pair_ops._make_pair_step(g, "dense", [], ("S", "T"), joint, split, K, "torch", (2, 5, H))
+    assert isinstance(step, pair_ops._StepPair)
+    if "triton" in parity_backends():
+        from himnet_fast.kernels.gcru_cell import FusedStep
+        assert pair_ops._fuses(A, "dense", "triton")
+        step = pair_ops._make_pair_step(g, "dense", [], ("S", "T"), joint, split, K, "triton", (2, 5, H))
+        assert isinstance(step, FusedStep) and step.rows.G1 > 0

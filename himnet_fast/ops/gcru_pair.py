@@ -78,13 +78,18 @@ class _StepPair:
                 acc.buf[key] = torch.cat([a[key], b[key]])
 
 
+def _fuses(g: Tensor, mode: str, backend: Optional[str]) -> bool:
+    """Whether the pair runs on the fused step: a shared dense graph, the step's ops on Triton."""
+    return mode == "dense" and g.dim() == 2 and _backend.resolve("gcru_gate", backend or None, g.device,
+                                                                  True) == "triton"
+
+
 def _make_pair_step(g, mode, layout, forms, weights, split, cheb_k, backend, shape):
     """The fused pair step (one launch per kernel for both cells) where the fused step applies
     to a shared dense graph, else the two cells' own steps one after the other."""
     B, N, H = shape
     backend = backend or None
-    if (mode == "dense" and g.dim() == 2
-            and _backend.resolve("gcru_gate", backend, g.device, True) == "triton"):
+    if _fuses(g, mode, backend):
         return _fused_step(g, (tuple(forms), *weights, None), cheb_k, B, N, H)
     halves = [CellWeights(f, *(w[:split] if p == 0 else w[split:] for w in weights)) for p, f in enumerate(forms)]
     return _StepPair([_make_step(g, mode, layout, w, cheb_k, backend, shape) for w in halves], g)
@@ -189,13 +194,15 @@ def gcru_sequence_pair(xs, graph: AdaptiveGraph, weights_a: CellWeights, weights
     both read, or a pair of inputs (each (B, T, N, C)); each cell's weights in the compute
     dtype. Returns ((states_a (B, T, N, H), last_a), (states_b, last_b)).
 
-    One op runs both cells where their forms are "S"/"T", the graph is shared and gradients
-    follow ``recompute`` (the op's backward recomputes, as ``gcru_sequence``'s); otherwise each
-    cell runs its own :func:`~himnet_fast.ops.gcru_cell.gcru_sequence`."""
+    One op runs both cells where that saves launches: their forms are "S"/"T" and the fused
+    step runs (a shared dense graph, backend "triton"), with ``recompute`` (the op's backward
+    recomputes, as ``gcru_sequence``'s). Otherwise each cell runs its own
+    :func:`~himnet_fast.ops.gcru_cell.gcru_sequence`: running them in turn inside one op would
+    save nothing and cost a copy of both cells' weights (the concatenation)."""
     forms = (weights_a.form, weights_b.form)
     first = xs if isinstance(xs, Tensor) else xs[0]
-    pairable = (all(f in PAIR_FORMS for f in forms) and graph.tensor.dim() == 2 and recompute
-                and weights_a.wgx.dtype == weights_b.wgx.dtype and first.numel() > 0)
+    pairable = (all(f in PAIR_FORMS for f in forms) and recompute and weights_a.wgx.dtype == weights_b.wgx.dtype
+                and first.numel() > 0 and _fuses(graph.tensor, graph.mode, backend))
     if not pairable:
         xa, xb = (xs, xs) if isinstance(xs, Tensor) else xs
         return (gcru_sequence(xa, graph, weights_a, cheb_k, hidden, backend, recompute),
