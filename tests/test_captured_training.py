@@ -18,9 +18,9 @@ def _data(N=8, T=400, fill=False):
     return from_signal(synthetic_traffic(T, N, seed=0), fill_missing=fill)
 
 
-def _small_model(N, steps=12):
+def _small_model(N, steps=12, backend=None):
     torch.manual_seed(0)
-    return hf.HimNet(N, hidden_dim=8, out_steps=steps, check_inputs=False)
+    return hf.HimNet(N, hidden_dim=8, out_steps=steps, check_inputs=False, backend=backend)
 
 
 def _himnet_loss(model, x, y_cov, labels, target, teacher_forcing):
@@ -113,10 +113,12 @@ def test_trainer_on_cpu_is_eager_and_keeps_its_batches_on_the_device():
 # --------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-def test_captured_steps_equal_eager_steps():
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_captured_steps_equal_eager_steps(backend):
     """20 captured steps (forward, loss, backward, clipping, capturable Adam, a scheduler that
     changes the lr tensor mid-way, new teacher-forcing coins every step) against the same 20
-    steps run eagerly: the same losses and parameters within fp32 round-off."""
+    steps run eagerly: the same losses and parameters within fp32 round-off; on the default
+    backend and on the fused Triton step (the pair and decoder ops, weight partials)."""
     N, B = 11, 4
     dev = torch.device("cuda")
     rng = np.random.default_rng(0)
@@ -129,7 +131,7 @@ def test_captured_steps_equal_eager_steps():
                                              torch.randn(B, 12, N, 1), torch.from_numpy(rng.random(12) < 0.5))])
     runs = []
     for captured in (True, False):
-        model = _small_model(N).to(dev)
+        model = _small_model(N, backend=backend).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2, device=dev), capturable=True)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [10], gamma=0.1)
         if captured:

@@ -17,7 +17,9 @@ Providers (measured side by side in one run):
   CapturedTrainStep`: forward, L1 loss, backward, clipping and a capturable Adam step at learning
   rate 0, so the model stays fixed across replays) and its inference as one
   (:meth:`HimNet.capture`); fp32 exact, fp32 with TF32 matmuls, bf16 autocast. Their agreement
-  check runs the same module eagerly in the same precision.
+  check runs the same module eagerly in the same precision. ``captured-triton``,
+  ``captured-triton-tf32``, ``captured-triton-bf16``: the same with ``backend="triton"`` (the
+  fused recurrent step, both encoders as one launch per kernel).
 * ``flex`` (propagation ops only): PyTorch's FlexAttention, compiled, ``score_mod = relu``,
   ``scale = 1.0``: ``softmax(relu(E Eᵀ)) @ v`` is attention with query = key = E.
 
@@ -38,7 +40,8 @@ import torch
 
 from ..presets import Preset
 
-CAPTURED = ("captured", "captured-tf32", "captured-bf16")
+CAPTURED = ("captured", "captured-tf32", "captured-bf16", "captured-triton", "captured-triton-tf32",
+            "captured-triton-bf16")
 MODEL_PROVIDERS = ("reference", "reference-compile", "reference-compile-notf", "torch", "torch-compile",
                    "triton", "cuda") + CAPTURED
 NO_TF = "-notf"  # suffix: the model is built with use_teacher_forcing=False
@@ -79,6 +82,9 @@ def unavailable_reason(provider: str, device: torch.device, what: str) -> Option
             return "CUDA-graph capture is of the whole model's step"
         if device.type != "cuda":
             return "CUDA graphs need a CUDA device"
+        if "-triton" in provider:
+            from .. import _backend
+            return _backend.unavailable_reason("gcru_gate", "triton", device)
         return None
     if "-compile" in provider and not hasattr(torch, "compile"):
         return "torch.compile is not available"
@@ -135,7 +141,10 @@ def build_module(provider: str, preset: Preset, num_nodes: int, device: torch.de
         return RefHimNet(**kwargs).to(device)
     from ..nn import HimNet
 
-    backend = None if provider in CAPTURED else provider.replace("-compile", "")
+    if provider in CAPTURED:
+        backend = "triton" if "-triton" in provider else None
+    else:
+        backend = provider.replace("-compile", "")
     return HimNet(**kwargs, backend=backend).to(device)
 
 
@@ -165,13 +174,14 @@ def model_step(model, params: List[torch.Tensor], inputs: Dict, mode: str) -> Ca
 
 
 def precision(provider: str):
-    """The context a provider's job runs in: TF32 matmuls for ``captured-tf32``, bf16 autocast
-    for ``captured-bf16`` (no weight cache: a captured graph must not hold its casts), else none."""
+    """The context a provider's job runs in: TF32 matmuls for ``captured[-triton]-tf32``, bf16
+    autocast for ``captured[-triton]-bf16`` (no weight cache: a captured graph must not hold its
+    casts), else none."""
     import contextlib
 
-    if provider == "captured-bf16":
+    if provider in CAPTURED and provider.endswith("-bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    if provider == "captured-tf32":
+    if provider in CAPTURED and provider.endswith("-tf32"):
         return _tf32()
     return contextlib.nullcontext()
 
@@ -201,14 +211,18 @@ def _tf32():
 def tolerance_of(provider: str) -> float:
     """The agreement tolerance of ``provider``: :func:`tolerance` in fp32; bf16 and TF32 keep
     8 and 10 mantissa bits, so their 24-step recurrences are checked at 5e-2 and 2e-2."""
-    return {"captured-bf16": 5e-2, "captured-tf32": 2e-2}.get(provider, tolerance())
+    if provider in CAPTURED and provider.endswith("-bf16"):
+        return 5e-2
+    if provider in CAPTURED and provider.endswith("-tf32"):
+        return 2e-2
+    return tolerance()
 
 
 def captured_step(module, inputs: Dict, mode: str, provider: str) -> Callable[[], torch.Tensor]:
     """The provider's timed call for a captured provider: a :class:`CapturedTrainStep` replay
     (train; the first call captures) or a :class:`CapturedHimNet` replay (infer)."""
     x, y_cov, labels = inputs["x"], inputs["y_cov"], inputs["labels"]
-    bf16 = provider == "captured-bf16"
+    bf16 = provider.endswith("-bf16")
     if mode == "infer":
         forecast = module.capture(x.shape[0], autocast_dtype=torch.bfloat16 if bf16 else None)
         return lambda: forecast(x, y_cov, clone=False)

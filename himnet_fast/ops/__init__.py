@@ -4,7 +4,9 @@ its autograd formula and the backends it dispatches to, in one module (docs/desi
 Leaf ops: ``meta_linear``, ``adaptive_matmul`` and ``adaptive_graph``, ``gcru_gate`` and
 ``gcru_update``, ``block_attention``, ``partitioned_adaptive_matmul``. Above them: the graph
 (:class:`AdaptiveGraph`, ``adaptive_propagate``: Chebyshev terms over the dense, streamed or
-partitioned graph) and the recurrent cell (``gcru_cell``, one step as one op).
+partitioned graph) and the recurrent cell (``gcru_cell``, one step as one op; for the modules,
+a sequence, a pair of cells and HimNet's decoder as one op each: ``gcru_cell.gcru_sequence``,
+``gcru_pair.gcru_sequence_pair``, ``gcru_decoder.gcru_decoder``).
 """
 from .adaptive_matmul import adaptive_graph, adaptive_matmul
 from .block_attention import block_attention, inter_attention, part_mean

@@ -33,16 +33,18 @@ ST         pool (D, rows, O)         query (B, N, D)  (B, N, O)
 scaled     (rows, O)                 scale (N, O)  (O,)   ``y = (x @ W) * scale``
 =========  ========================  ============  ==========================
 
-For "S" the caller generates the per-node weights ``W_s = E @ pool`` once per sequence, so
-autograd sums their gradient across the steps and pushes it into the pool once per sequence.
+For "S" the caller generates the per-node weights ``W_s = E @ pool`` once per sequence: the
+sequence op adds every step's gradient of them into one buffer, which autograd pushes into the
+pool once.
 
-The step's pieces are the library's ops run without autograd: the graph products
+A step runs through one of two implementations with one interface (:func:`_make_step`):
+:class:`_ComposedStep`, the library's ops run without autograd -- the graph products
 (:class:`~himnet_fast.ops.graph.GraphProducts`: dense matmuls, ``adaptive_matmul``,
 ``partitioned_adaptive_matmul``), ``meta_linear`` for the pooled forms, ``gcru_gate`` and
-``gcru_update``, each through the backend the caller chose, so the same op serves the torch
-backend and composes the Triton kernels where those are picked. :func:`cell_math` is the
-step written once; with ``recompute=False`` (or without gradients) the caller runs the same
-function on the autograd ops instead.
+``gcru_update``, each through the backend the caller chose -- or, where the step's ops run on
+Triton over a dense graph, the fused step of ``kernels/gcru_cell.py`` (about 2K kernels
+forward, 14 backward). :func:`cell_math` is the step written once; with ``recompute=False``
+and gradients needed the caller runs the same function on the autograd ops instead.
 """
 from __future__ import annotations
 
@@ -580,8 +582,9 @@ def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k
 
     The input is propagated for all T steps in one call per term (the steps folded into value
     columns); the first step, with its all-zero state, needs only the input rows and the
-    biases; each later step is one :func:`cell_step`. ``weights`` must already be in the
-    compute dtype.
+    biases. With ``recompute`` (or without gradients) all steps are one
+    ``himnet_fast::gcru_sequence`` op; with ``recompute=False`` and gradients, each later step
+    is one :func:`cell_step` through autograd. ``weights`` must already be in the compute dtype.
     """
     B, T, N, C = xs.shape
     terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), cheb_k)
