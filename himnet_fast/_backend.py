@@ -163,32 +163,32 @@ def _fallback_for_grad(op: str, name: str, device: torch.device) -> str:
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list:
-    """Backends that can run every op on ``device`` (default: CUDA if present, else CPU).
+    """Backends that can run every op they implement on ``device`` (default: CUDA if present,
+    else CPU). An op a backend does not implement runs on another (torch implements all), so it
+    does not count against it: the CUDA extension has no SBA attention, and is still available
+    for HimNet.
 
-    ``"triton"`` counts on CPU only when ``TRITON_INTERPRET=1`` is set. Ops that only one
-    backend implements (the dense adaptive graph, the partitioned graph) do not count.
+    ``"triton"`` counts on CPU only when ``TRITON_INTERPRET=1`` is set.
     """
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    ops = _shared_ops()
-    return [b for b in BACKENDS if all(unavailable_reason(op, b, device) is None for op in ops)]
+    return [b for b in BACKENDS if _ops_of(b) and all(unavailable_reason(op, b, device) is None for op in _ops_of(b))]
 
 
-def _shared_ops() -> set:
-    """Ops that more than one backend implements."""
-    by_op: Dict[str, int] = {}
-    for op, _ in _REGISTRY:
-        by_op[op] = by_op.get(op, 0) + 1
-    return {op for op, n in by_op.items() if n > 1}
+def _ops_of(backend: str) -> list:
+    """The ops ``backend`` implements, sorted."""
+    return sorted(op for op, b in _REGISTRY if b == backend)
 
 
 def backend_report() -> Dict[str, str]:
     """For `himnet-fast info`: each backend and either "available" or the reason it is not."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ops = sorted(_shared_ops())
     report = {}
     for b in BACKENDS:
+        ops = _ops_of(b)
         reasons = [r for r in (unavailable_reason(op, b, device) for op in ops) if r]
+        if not ops:
+            reasons = [f"backend {b!r} implements no op"]
         report[b] = "available on " + str(device) if not reasons else reasons[0]
     return report

@@ -123,3 +123,19 @@ def test_auto_order_follows_the_committed_gpu_measurements(monkeypatch):
     assert not AdaptiveGraph(e, backend="cuda").dense
     monkeypatch.setenv("HIMNET_FAST_DENSE_BUDGET_MB", "0")
     assert not AdaptiveGraph(e).dense
+
+
+def test_a_backend_is_available_where_it_runs_every_op_it_implements(monkeypatch):
+    """An op a backend does not implement runs on another, so it does not make the backend
+    unavailable (the CUDA extension has no SBA attention); one of its own ops that cannot run
+    does."""
+    runs = _backend.Impl(lambda *a: None, None, lambda device: None)
+    fails = _backend.Impl(lambda *a: None, None, lambda device: "not here")
+    registry = {k: v for k, v in _backend._REGISTRY.items() if k[1] != "cuda"}
+    registry[("meta_linear", "cuda")] = registry[("gcru_gate", "cuda")] = runs
+    monkeypatch.setattr(_backend, "_REGISTRY", registry)
+    assert "cuda" in _backend.available_backends("cpu")
+    assert _backend.backend_report()["cuda"].startswith("available")
+    registry[("gcru_gate", "cuda")] = fails
+    assert "cuda" not in _backend.available_backends("cpu")
+    assert _backend.backend_report()["cuda"] == "not here"
