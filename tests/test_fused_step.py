@@ -17,7 +17,7 @@ from himnet_fast import _backend
 from himnet_fast.ops import AdaptiveGraph
 
 from conftest import DEVICE, HAS_TRITON
-from parity import assert_lowp, assert_rel
+from parity import assert_lowp, assert_rel, himnet_matches_the_original
 
 _REASON = (_backend.unavailable_reason("gcru_gate", "triton", DEVICE) if HAS_TRITON
            else "triton is not installed")
@@ -188,27 +188,7 @@ def test_himnet_on_the_fused_step_matches_the_original_end_to_end():
     """HimNet(backend="triton") with its graphs dense (the default where they fit) runs the
     fused step in both encoders and the decoder: output and every parameter's gradient equal
     the original model's (fp32)."""
-    import himnet_fast as hf
-    from himnet_fast.reference import RefHimNet
-
-    torch.manual_seed(1)
-    N, B, T = 9, 2, 2
-    kw = dict(num_nodes=N, input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=3,
-              ycov_dim=2, tod_embedding_dim=4, dow_embedding_dim=4, node_embedding_dim=5, st_embedding_dim=6)
-    ref = RefHimNet(**kw).eval()
-    model = hf.HimNet(**kw, backend="triton").eval()
-    model.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(B, T, N, 3)
-    x[..., 1] = torch.rand(B, T, N) * 0.99
-    x[..., 2] = torch.randint(0, 7, (B, T, N)).float()
-    y_cov = torch.rand(B, 2, N, 2)
-    g = torch.randn(B, 2, N, 1)
-    y, y_ref = model(x, y_cov), ref(x, y_cov)
-    assert_rel(y, y_ref, 1e-4, "HimNet output")
-    grads = torch.autograd.grad(y, list(model.parameters()), g)
-    grads_ref = torch.autograd.grad(y_ref, list(ref.parameters()), g)
-    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
-        assert_rel(a, b, 1e-4, name)
+    himnet_matches_the_original("triton")
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ import torch
 
 import himnet_fast as hf
 from himnet_fast import _backend
-from himnet_fast.reference import RefHimNet, ref_meta_linear
+from himnet_fast.reference import ref_meta_linear
 
 from conftest import DEVICE, HAS_CUDA, HAS_TRITON, tf32_matmul
 
@@ -47,6 +47,7 @@ LOWP = [torch.bfloat16, torch.float16]
 from parity import assert_lowp as _assert_lowp, assert_rel as _assert_rel  # noqa: E402
 from parity import gate_ref as _gate_ref, leaf as _leaf, on, run as _run, update_ref as _update_ref  # noqa: E402
 from parity import am_ref as _am_ref, ml_inputs as _ml_inputs  # noqa: E402
+from parity import himnet_matches_the_original  # noqa: E402
 
 TRITON = {op: on("triton", op) for op in ("meta_linear", "adaptive_matmul", "gcru_gate", "gcru_update")}
 
@@ -370,27 +371,10 @@ def test_public_ops_route_to_triton_under_autocast():
 # --------------------------------------------------------------------------- end to end
 
 def test_himnet_triton_matches_reference_end_to_end():
-    torch.manual_seed(1)
     # Small on purpose (the interpreter runs every kernel of 2 encoders + decoder, fwd + bwd);
-    # real sizes are in tests/test_triton_gpu.py. cheb_k=3 exercises the Chebyshev recursion.
-    N, B, T = 9, 2, 2
-    kw = dict(num_nodes=N, input_dim=3, output_dim=1, out_steps=2, hidden_dim=8, num_layers=1, cheb_k=3,
-              ycov_dim=2, tod_embedding_dim=4, dow_embedding_dim=4, node_embedding_dim=5, st_embedding_dim=6)
-    ref = RefHimNet(**kw).eval()
-    model = hf.HimNet(**kw, backend="triton", dense_graph=False).eval()
-    model.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(B, T, N, 3)
-    x[..., 1] = torch.rand(B, T, N) * 0.99
-    x[..., 2] = torch.randint(0, 7, (B, T, N)).float()
-    y_cov = torch.rand(B, 2, N, 2)
-    g = torch.randn(B, 2, N, 1)
-    y = model(x, y_cov)
-    y_ref = ref(x, y_cov)
-    _assert_rel(y, y_ref, 1e-4, "HimNet output")
-    grads = torch.autograd.grad(y, list(model.parameters()), g)
-    grads_ref = torch.autograd.grad(y_ref, list(ref.parameters()), g)
-    for (name, _), a, b in zip(model.named_parameters(), grads, grads_ref):
-        _assert_rel(a, b, 1e-4, name)
+    # real sizes are in tests/test_triton_gpu.py. Streamed graphs: the adaptive-product kernels
+    # (the fused step over dense graphs is tests/test_fused_step.py's).
+    himnet_matches_the_original("triton", dense_graph=False)
 
 
 # --------------------------------------------------------------------------- 64-bit offsets
