@@ -568,7 +568,9 @@ def cell_linear(rows: Rows, x: Optional[torch.Tensor], terms: Sequence[torch.Ten
     if rows.B * rows.N == 0 or O == 0:
         return
     t0, rest, s0, st = _term_args(terms)
-    block_m = rows.block_m(64)
+    # (pooled rows also hold their query and a scaled copy of the input tile: 32 rows, where
+    # 64 spilled in the sm_90 AOT table)
+    block_m = rows.block_m(32 if rows.per_row else 64)
     block_o = pow2_block(O, 64)
     block_k = pow2_block(max(C0, H), 32)
     outs = list(outs) + ([save_pre] if save_pre is not None else [])
@@ -604,9 +606,11 @@ def cell_linear_dx(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], term
     if rows.B * rows.N == 0:
         return
     t0, rest, s0, st = _term_args(terms)
+    # dY and W tiles beside dX, its partial and (pooled) the query's gradient (the sm_90 AOT
+    # table still shows 8-56 B of spills for this kernel: docs/triton.md)
     block_m = rows.block_m(32)
     block_c = pow2_block(max(C0, H), 32)
-    block_o = pow2_block(O, 64)
+    block_o = pow2_block(O, 32)
     dt_ = dt if dt is not None else d0.unsqueeze(0)
     _cell_dx_kernel[(rows.programs(block_m),)](
         dy, x if x is not None else t0, t0, rest, wx, wh, query if query is not None else t0,
@@ -618,7 +622,7 @@ def cell_linear_dx(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], term
         K=K, **rows.consts(), NEED_X=dx is not None and x is not None, ADD_X=add_x, ADD_0=add_0,
         NEED_Q=dq is not None and rows.per_row, ADD_Q=add_q,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_O=block_o, BLOCK_D=whole_block(D, 1), **_precision(dy),
-        num_warps=8 if rows.per_row else 4,
+        num_warps=8,
     )
 
 
