@@ -14,9 +14,9 @@ these kernels, so a forward step is 2K launches and its backward about 15:
   rows and output columns, plus the bias, with the gate's or the update's activation as the
   epilogue (``EPI``): the gate writes ``z * h`` and ``r``; the update writes ``h'``; the
   update's backward writes ``dpre``, ``dr`` and ``dh = dh' * r`` from the recomputed ``pre``.
-* ``_cell_dx_kernel``: the gradients of the K+1 inputs, ``dX_j = dY @ W_jᵀ``, for a tile of
+* ``_cell_bwd_dx_kernel``: the gradients of the K+1 inputs, ``dX_j = dY @ W_jᵀ``, for a tile of
   rows (and, for pooled weights, the query's gradient, which needs all of them at once).
-* ``_cell_dw_kernel``: the weights' gradients ``dW_j = X_jᵀ dY`` summed over the rows that
+* ``_cell_bwd_dw_kernel``: the weights' gradients ``dW_j = X_jᵀ dY`` summed over the rows that
   share a weight (a node for "S", a sample for "T", every row for a shared or pooled weight;
   long sums split over programs into fp32 partials, added in a fixed order), and the bias's.
 * ``_cell_gate_bwd_kernel``: the gate's derivative (``dpre_g`` from ``dzh`` and ``dr``) with
@@ -202,7 +202,7 @@ def _cell_fwd_kernel(
 
 
 @triton.jit
-def _cell_dx_kernel(
+def _cell_bwd_dx_kernel(
     dy_ptr, x_ptr, t0_ptr, t_ptr, wx_ptr, wh_ptr, q_ptr, dx_ptr, d0_ptr, dt_ptr, dq_ptr,
     G0, M0, M1, N, C0, H, O, D,
     sdy_p, sdy_b, sdy_n, sdy_o, sx_p, sx_b, sx_n, sx_c, s0_p, s0_b, s0_n, s0_c, st_k, st_p, st_b, st_n, st_c,
@@ -288,7 +288,7 @@ def _cell_dx_kernel(
 
 
 @triton.jit
-def _cell_dw_kernel(
+def _cell_bwd_dw_kernel(
     dy_ptr, x_ptr, t0_ptr, t_ptr, q_ptr, px_ptr, ph_ptr, pb_ptr,
     G0, M0, M1, N, C0, H, O, D, K, n_split,
     sdy_p, sdy_b, sdy_n, sdy_o, sx_p, sx_b, sx_n, sx_c, s0_p, s0_b, s0_n, s0_c, st_k, st_p, st_b, st_n, st_c,
@@ -612,7 +612,7 @@ def cell_linear_dx(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], term
     block_c = pow2_block(max(C0, H), 32)
     block_o = pow2_block(O, 32)
     dt_ = dt if dt is not None else d0.unsqueeze(0)
-    _cell_dx_kernel[(rows.programs(block_m),)](
+    _cell_bwd_dx_kernel[(rows.programs(block_m),)](
         dy, x if x is not None else t0, t0, rest, wx, wh, query if query is not None else t0,
         dx if dx is not None else d0, d0, dt_, dq if dq is not None else d0,
         *rows.geometry(), C0, H, O, D,
@@ -687,7 +687,7 @@ def cell_linear_dw(rows: Rows, dy: torch.Tensor, x: Optional[torch.Tensor], term
     t0, rest, s0, st = _term_args(terms)
     _, block_r, block_i, block_o = _dw_tiling(rows, C0, part.h.shape[2], O)
     tiles = triton.cdiv(C0 + K * H, block_i) * triton.cdiv(O, block_o)
-    _cell_dw_kernel[(tiles, part.splits, W)](
+    _cell_bwd_dw_kernel[(tiles, part.splits, W)](
         dy, x if x is not None else t0, t0, rest, query if query is not None else t0, part.x, part.h,
         part.b if part.b is not None else part.x,
         *rows.geometry(), C0, H, O, query.shape[-1] if query is not None else 1, K, part.splits,

@@ -93,7 +93,9 @@ def test_committed_table_obeys_the_limits():
     for want in ("_meta_linear_fwd_kernel", "_meta_linear_bwd_kernel", "_meta_linear_bwd_dp_kernel",
                  "_adaptive_matmul_fwd_kernel", "_adaptive_matmul_bwd_delta_kernel",
                  "_adaptive_matmul_bwd_dv_kernel", "_adaptive_matmul_bwd_de_kernel", "_gcru_gate_fwd_kernel",
-                 "_gcru_gate_bwd_kernel", "_gcru_update_fwd_kernel", "_gcru_update_bwd_kernel"):
+                 "_gcru_gate_bwd_kernel", "_gcru_update_fwd_kernel", "_gcru_update_bwd_kernel",
+                 "_cell_fwd_kernel", "_cell_bwd_dx_kernel", "_cell_bwd_dw_kernel", "_cell_gate_bwd_kernel",
+                 "_graph_grad_kernel"):
         assert want in names, f"{want} missing from {TABLE}"
     for r in rows:
         what = f"{r['kernel']} [{r['constexprs']}]"
@@ -111,7 +113,7 @@ def test_committed_table_obeys_the_limits():
 @needs_nvidia_tools
 @pytest.mark.parametrize("grid", ["default", "full"])
 def test_aot_model_grid(grid, request):
-    """The whole model (forward + backward, backend "triton", streamed graphs) compiles for
+    """The whole model (forward + backward, backend "triton", streamed and dense graphs) compiles for
     sm_90 over the grid with no problem (``python -m himnet_fast.aot`` exits 0): default =
     8 configurations (~2 min cold here), full = 96 (see docs/triton.md for the time)."""
     if "slow" not in (request.config.option.markexpr or ""):
