@@ -21,7 +21,7 @@ LAYERS = (  # lowest first
              "himnet_fast.ops.meta_linear", "himnet_fast.ops.adaptive_matmul", "himnet_fast.ops.gcru",
              "himnet_fast.ops.block_attention", "himnet_fast.ops.partitioned_adaptive")),
     ("graph", ("himnet_fast.ops.graph",)),
-    ("cell", ("himnet_fast.ops.gcru_cell", "himnet_fast.ops")),
+    ("cell", ("himnet_fast.ops.gcru_cell", "himnet_fast.ops.gcru_pair", "himnet_fast.ops.gcru_decoder", "himnet_fast.ops")),
     ("nn", ("himnet_fast.nn",)),
     ("models", ("himnet_fast.models", "himnet_fast.sba")),
     ("apps", ("himnet_fast.training", "himnet_fast.benchmark", "himnet_fast.cli", "himnet_fast.__main__",
