@@ -549,6 +549,19 @@ _gcru_sequence.register_autograd(_backward_sequence, setup_context=_setup_sequen
 
 # --------------------------------------------------------------------------- front-ends
 
+def runs_as_op(recompute: bool, grad: bool, backend: Optional[str], device) -> bool:
+    """Whether a step or sequence runs as the recomputing op: with gradients when ``recompute``;
+    without gradients (inference: one node per step or sequence, the fused step where it
+    applies) unless a piece's backend is forward-only (the CUDA extension), whose kernels run
+    only outside the op: the op resolves its pieces as if gradients were needed."""
+    if grad:
+        return recompute
+    for op in ("gcru_gate", "gcru_update", "meta_linear", "adaptive_matmul"):
+        if not _backend.impl(op, _backend.resolve(op, backend or None, device, False)).has_backward:
+            return False
+    return True
+
+
 def _autograd_pieces(graph: AdaptiveGraph, backend: Optional[str]):
     """The step's pieces as autograd ops (plain autograd: ``recompute=False``, inference)."""
     def pooled(x, q, pool):
@@ -567,7 +580,7 @@ def cell_step(h: Tensor, zx: Tensor, graph: AdaptiveGraph, weights: CellWeights,
     """Unchecked :func:`gcru_cell` for the modules (they build the arguments): h (B, N, H),
     zx (B, N, K*C) -> (B, N, H). All tensors in one dtype (the modules cast once per sequence)."""
     tensors = (h, zx, graph.tensor) + weights.tensors()
-    if (recompute or not needs_grad(*tensors)) and h.numel() > 0:
+    if runs_as_op(recompute, needs_grad(*tensors), backend, h.device) and h.numel() > 0:
         layout = list(graph.layout) if graph.layout is not None else []
         return _gcru_cell(h, zx, graph.tensor, layout, *weights.tensors(), weights.form, graph.mode, cheb_k,
                           backend or "")
@@ -590,7 +603,7 @@ def gcru_sequence(xs: Tensor, graph: AdaptiveGraph, weights: CellWeights, cheb_k
     terms = graph.terms(xs.permute(0, 2, 1, 3).reshape(B, N, T * C), cheb_k)
     zx = torch.cat([z.reshape(B, N, T, C) for z in terms], -1).permute(0, 2, 1, 3)  # (B, T, N, K*C)
     tensors = (zx, graph.tensor) + weights.tensors()
-    if (recompute or not needs_grad(*tensors)) and zx.numel() > 0:
+    if runs_as_op(recompute, needs_grad(*tensors), backend, zx.device) and zx.numel() > 0:
         # One op for the whole sequence: its backward reruns each step and adds the steps'
         # weight and graph gradients into one buffer each.
         layout = list(graph.layout) if graph.layout is not None else []

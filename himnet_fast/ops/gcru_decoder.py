@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import cast, custom_op, empty_like, needs_grad, no_autocast, release_cpu_heap
-from .gcru_cell import CellWeights, _Acc, _layout_or_none, _make_step, cell_step
+from .gcru_cell import CellWeights, _Acc, _layout_or_none, _make_step, cell_step, runs_as_op
 from .graph import AdaptiveGraph, GraphProducts
 
 __all__ = ["gcru_decoder"]
@@ -265,7 +265,8 @@ def gcru_decoder(h0: Tensor, y_cov: Tensor, labels: Optional[Tensor], teacher: O
     labels = None if labels is None else cast(labels[:, :T], dtype)
     flat, aux = _flat(weights)
     form = weights[0].form
-    if ((recompute or not needs_grad(h0, graph.tensor, proj_w, proj_b, *flat, *aux)) and not needs_grad(y_cov, labels)
+    if (runs_as_op(recompute, needs_grad(h0, graph.tensor, proj_w, proj_b, *flat, *aux), backend, h0.device)
+            and not needs_grad(y_cov, labels)
             and h0.numel() > 0):
         layout = list(graph.layout) if graph.layout is not None else []
         outs, _, _ = _gcru_decoder(h0, y_cov.transpose(0, 1).contiguous(),
