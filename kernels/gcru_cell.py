@@ -488,7 +488,8 @@ class Rows:
     def block_m(self, cap: int) -> int:
         if self.per_row:
             return pow2_block(self.B * self.N, cap)
-        return pow2_block(min(m for m in (self.M0, self.M1) if m) if self.M0 else 1, cap)
+        # one BLOCK_M for both parts of a pair: the smaller group (a node's B samples for "S")
+        return pow2_block(min(self.M0, self.M1) if self.M1 else self.M0, cap)
 
     def programs(self, block_m: int) -> int:
         if self.per_row:
@@ -807,10 +808,11 @@ class FusedStep:
             torch.baddbmm(b(prev2), self.Ab, b(T[k - 2]), beta=-1, alpha=2, out=b(T[k - 1]))
         return [v, T]
 
-    def _linear(self, x, terms, wx, wh, b, K, epi, **kw):
+    def _linear(self, x, terms, wx, wh, b, K, epi, outs, **tensors):
+        """:func:`cell_linear` of one map, every (B, N, .) tensor in the rows' layout."""
         cell_linear(self.rows, self._v(x), self._terms_v(terms), self._w(wx), self._w(wh), b, self.q, K, epi,
-                    **{k: self._v(v) if isinstance(v, torch.Tensor) else ([self._v(o) for o in v] if k == "outs" else v)
-                       for k, v in kw.items()}, bias_per_group=self.form in ("T", "S") or self.rows.G1 > 0)
+                    outs=[self._v(o) for o in outs], **{k: self._v(v) for k, v in tensors.items()},
+                    bias_per_group=self.form in ("T", "S") or self.rows.G1 > 0)
 
     def _new(self, ref, width=None):
         return torch.empty(*self.lead, self.N, width or self.H, device=ref.device, dtype=ref.dtype)
