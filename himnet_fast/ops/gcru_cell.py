@@ -229,16 +229,23 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return b if a is None else (a if b is None else a + b)
 
 
+def fuses(g: Tensor, mode: str, form: str, backend: Optional[str]) -> bool:
+    """Whether a step in ``form`` runs on the fused Triton step: the graph is dense, the form is
+    not "scaled" and the step's own ops run on Triton (the pooled forms' meta_linear too)."""
+    device = g.device
+    return (mode == "dense" and form != "scaled"
+            and _backend.resolve("gcru_gate", backend, device, True) == "triton"
+            and (form not in _POOLED or _backend.resolve("meta_linear", backend, device, True) == "triton"))
+
+
 def _make_step(g: Tensor, mode: str, layout: Sequence[Tensor], w: CellWeights, cheb_k: int, backend: str,
                shape: Sequence[int]):
     """The step's implementation: the fused Triton step (``kernels/gcru_cell.py``: about 2K
-    kernels forward, 15 backward) where the step's own ops run on Triton, the graph is dense
-    and the form is not "scaled"; else the composition of the backends' ops."""
+    kernels forward, 15 backward) where :func:`fuses`; else the composition of the backends'
+    ops."""
     device = g.device
     backend = backend or None
-    if (mode == "dense" and w.form != "scaled"
-            and _backend.resolve("gcru_gate", backend, device, True) == "triton"
-            and (w.form not in _POOLED or _backend.resolve("meta_linear", backend, device, True) == "triton")):
+    if fuses(g, mode, w.form, backend):
         B, N, H = shape
         return _fused_step(g, (w.form, w.wgx, w.wgh, w.bg, w.wux, w.wuh, w.bu, w.aux_g), cheb_k, B, N, H)
     return _ComposedStep(g, mode, layout, w, cheb_k, backend, device)

@@ -21,10 +21,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ._common import cast, custom_op, empty_like, no_autocast
-from .gcru_cell import (CellWeights, _Acc, _fused_step, _make_step, gcru_sequence, run_states, run_states_backward,
-                        sequence_grads)
+from .gcru_cell import (CellWeights, _Acc, _fused_step, _make_step, fuses, gcru_sequence, run_states,
+                        run_states_backward, sequence_grads)
 from .graph import AdaptiveGraph
 
 __all__ = ["gcru_sequence_pair", "PAIR_FORMS"]
@@ -79,9 +78,8 @@ class _StepPair:
 
 
 def _fuses(g: Tensor, mode: str, backend: Optional[str]) -> bool:
-    """Whether the pair runs on the fused step: a shared dense graph, the step's ops on Triton."""
-    return mode == "dense" and g.dim() == 2 and _backend.resolve("gcru_gate", backend or None, g.device,
-                                                                  True) == "triton"
+    """Whether the pair runs on the fused step: a shared graph where a grouped step fuses."""
+    return g.dim() == 2 and fuses(g, mode, "T", backend or None)
 
 
 def _make_pair_step(g, mode, layout, forms, weights, split, cheb_k, backend, shape):

@@ -227,13 +227,23 @@ class GraphProducts:
         return (self._unfold(out, v) if self.shared else out), (vf, out, extra)
 
     def backward(self, dout: Tensor, v: Tensor, saved: tuple, need_v: bool, need_g: bool,
-                 g_acc: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+                 g_acc: Optional[Tensor] = None, dv_into: Optional[Tensor] = None
+                 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dv, dg) of :meth:`forward` (dg for ``self.g``: dA, or dE of the embedding). With
         ``g_acc`` the graph's gradient is added into it in place (for a dense graph by the GEMM
-        itself) and dg is None."""
+        itself) and dg is None. With ``dv_into`` a dense graph adds dv into that tensor by the
+        GEMM itself and returns dv None (other modes return dv)."""
         dg = None
         if self.mode == "dense":
-            dv = torch.matmul(self.g.transpose(-1, -2), dout) if need_v else None
+            dv = None
+            if need_v:
+                At = self.g.transpose(-1, -2)
+                if dv_into is None:
+                    dv = torch.matmul(At, dout)
+                elif dv_into.dim() == 3:
+                    dv_into.baddbmm_(At.expand(dv_into.shape[0], *At.shape) if At.dim() == 2 else At, dout)
+                else:
+                    dv_into.add_(torch.matmul(At, dout))
             if need_g:
                 if self.shared:  # one (N, N) for the batch: the batch becomes extra columns
                     a, b = self._fold(dout)[0], self._fold(v)[0].t()
@@ -291,16 +301,7 @@ class GraphProducts:
             dp = g[k] if k == 1 else 2 * g[k]
             if k >= 2:
                 g[k - 2] = g[k - 2] - g[k]
-            need_v = need_x or k > 1
-            if self.mode == "dense" and need_v:
-                At = self.g.transpose(-1, -2)
-                target = g[k - 1]
-                if target.dim() == 3:
-                    target.baddbmm_(At.expand(target.shape[0], *At.shape) if At.dim() == 2 else At, dp)
-                else:
-                    target.add_(torch.matmul(At, dp))
-                need_v = False
-            dv, dgk = self.backward(dp, v, s, need_v, need_g, g_acc)
+            dv, dgk = self.backward(dp, v, s, need_x or k > 1, need_g, g_acc, dv_into=g[k - 1])
             if dv is not None:
                 g[k - 1] = g[k - 1] + dv
             if dgk is not None:
